@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs everything (scripts/setup.sh) and runs every check: lint, formatting,
+# import boundaries, then the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/lint-imports
+.venv/bin/python -m pytest -q "$@"
