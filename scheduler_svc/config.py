@@ -1,0 +1,38 @@
+"""Settings of the scheduling policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """What the policy needs to know; the service shell fills it from flags and the model card.
+
+    Defaults follow vLLM V1: chunked prefill and prefix caching on, 256 sequences
+    and a token budget per step.
+    """
+
+    max_model_len: int
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    eos_token_ids: tuple[int, ...] = ()
+    policy: Literal["fcfs", "priority"] = "fcfs"
+    enable_prefix_caching: bool = True
+    # Seeds the generator of request seeds (None: from the OS), so tests are repeatable.
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "block_size", "max_num_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token a step"
+            )
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
