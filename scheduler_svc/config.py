@@ -19,6 +19,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     eos_token_ids: tuple[int, ...] = ()
+    # When known (from the model card), prompts with larger token ids are refused.
+    vocab_size: int | None = None
     policy: Literal["fcfs", "priority"] = "fcfs"
     enable_prefix_caching: bool = True
     # Seeds the generator of request seeds (None: from the OS), so tests are repeatable.

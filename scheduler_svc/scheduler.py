@@ -133,6 +133,10 @@ class Scheduler:
         prompt = list(submit.prompt_token_ids)
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
+        if cfg.vocab_size is not None and max(prompt) >= cfg.vocab_size:
+            raise ValueError(
+                f"token id {max(prompt)} is out of range: the vocabulary has {cfg.vocab_size}"
+            )
         if len(prompt) > cfg.max_model_len:
             raise ValueError(
                 f"the prompt has {len(prompt)} tokens; this model's maximum context length "
@@ -143,7 +147,6 @@ class Scheduler:
         request = Request(
             owner=owner,
             request_id=submit.request_id,
-            prompt_token_ids=prompt,
             sampling=submit.sampling,
             priority=submit.priority,
             arrival_time=now,
@@ -336,9 +339,7 @@ class Scheduler:
         for entry in result.prompt_logprobs:
             seq = seqs.get(entry.seq)
             if seq is not None and seq.replica_id == replica_id:
-                out = outputs.get(seq.request.owner) or outputs.setdefault(
-                    seq.request.owner, _Outputs()
-                )
+                out = outputs.setdefault(seq.request.owner, _Outputs())
                 out.logprobs.append(
                     session_pb2.DeltaLogprobs(
                         request_id=seq.request.request_id, index=seq.index, prompt=entry.positions

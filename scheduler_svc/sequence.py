@@ -29,7 +29,6 @@ class Request:
 
     owner: str
     request_id: str
-    prompt_token_ids: list[int]
     sampling: common_pb2.SamplingParams
     priority: int
     arrival_time: float
@@ -77,7 +76,3 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]

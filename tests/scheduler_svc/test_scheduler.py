@@ -465,6 +465,8 @@ def test_invalid_requests_are_refused_and_change_nothing():
     bad.temperature = -1.0
     with pytest.raises(ValueError, match="temperature"):
         scheduler.add(submit(sampling=bad), 0.0)
+    with pytest.raises(ValueError, match="token id 512 is out of range: the vocabulary has 512"):
+        Cluster(config(vocab_size=512)).scheduler.add(submit(prompt_token_ids=[5, 512]), 0.0)
     scheduler.add(submit(), 0.0)
     with pytest.raises(ValueError, match="already"):
         scheduler.add(submit(), 0.0)
@@ -514,3 +516,35 @@ def test_a_token_for_a_sequence_still_in_prefill_is_dropped():
     )
     assert cluster.scheduler.update(bogus) == {}
     assert seq.num_tokens == 40
+
+
+def test_logprobs_reach_the_owner_of_the_sequence():
+    cluster = Cluster(config(max_num_batched_tokens=16))
+    cluster.join(0, 64)
+    params = SamplingParams(max_tokens=2, ignore_eos=True, logprobs=1, prompt_logprobs=0)
+    cluster.submit("r", list(range(1, 25)), params, owner="gw")
+    scheduler = cluster.scheduler
+    seq = scheduler.sequence("r", owner="gw")
+
+    def positions(*tokens: int) -> list[common_pb2.TokenLogprobs]:
+        return [common_pb2.TokenLogprobs(token_id=t, logprob=-0.5, rank=1) for t in tokens]
+
+    # A prefill chunk: prompt logprobs, no token yet.
+    plan = scheduler.schedule(0, 0.0)
+    result = step_pb2.StepResult(replica_id=0, epoch=plan.epoch, step=plan.step)
+    result.prompt_logprobs.add(seq=seq.seq_id, positions=positions(2, 3))
+    outputs = scheduler.update(result)["gw"]
+    assert not outputs.token_ids
+    (delta,) = outputs.logprobs
+    assert (delta.request_id, delta.index) == ("r", 0)
+    assert [p.token_id for p in delta.prompt] == [2, 3] and not delta.tokens
+    # The last chunk samples a token: its logprobs travel beside it.
+    plan = scheduler.schedule(0, 0.0)
+    result = step_pb2.StepResult(
+        replica_id=0, epoch=plan.epoch, step=plan.step, seqs=[seq.seq_id], token_ids=[42]
+    )
+    result.logprobs.add(seq=seq.seq_id, positions=positions(42))
+    outputs = scheduler.update(result)["gw"]
+    assert list(outputs.token_ids) == [42]
+    (delta,) = outputs.logprobs
+    assert [p.token_id for p in delta.tokens] == [42] and not delta.prompt
