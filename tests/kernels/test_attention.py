@@ -1,0 +1,143 @@
+"""Paged attention and the cache write against a naive float64 implementation."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from kernels.attention import paged_attention_decode, paged_attention_prefill
+from kernels.cache import reshape_and_cache
+
+
+def naive_attention(
+    q: torch.Tensor,  # [q_len, H, D] queries at positions ctx - q_len ..< ctx
+    keys: torch.Tensor,  # [ctx, KVH, D]
+    values: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    q_len, heads, _ = q.shape
+    ctx, kv_heads, _ = keys.shape
+    group = heads // kv_heads
+    out = torch.zeros(q_len, heads, q.shape[2], dtype=torch.float64)
+    for i in range(q_len):
+        p = ctx - q_len + i
+        for h in range(heads):
+            kh = h // group
+            js = [j for j in range(p + 1) if window is None or p - j < window]
+            scores = torch.stack([(q[i, h].double() * keys[j, kh].double()).sum() for j in js])
+            probs = torch.softmax(scores * scale, dim=0)
+            out[i, h] = sum(w * values[j, kh].double() for w, j in zip(probs, js, strict=True))
+    return out
+
+
+class PagedCase:
+    """Sequences with random contents scattered over a shuffled block pool."""
+
+    def __init__(self, ctx_lens, block_size, kv_heads, head_dim, dtype, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        self.block_size = block_size
+        need = [-(-c // block_size) for c in ctx_lens]
+        num_blocks = sum(need) + 3
+        ids = list(range(num_blocks))
+        rng.shuffle(ids)
+        self.tables = []
+        for n in need:
+            self.tables.append([ids.pop() for _ in range(n)])
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.key_cache = torch.randn(shape, generator=gen).to(dtype)
+        self.value_cache = torch.randn(shape, generator=gen).to(dtype)
+        self.ctx_lens = ctx_lens
+
+    def dense(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.block_size
+        rows = [self.tables[s][p // bs] * bs + p % bs for p in range(self.ctx_lens[s])]
+        flat_k = self.key_cache.flatten(0, 1)
+        flat_v = self.value_cache.flatten(0, 1)
+        return flat_k[rows], flat_v[rows]
+
+    def block_tables(self) -> torch.Tensor:
+        width = max(len(t) for t in self.tables)
+        return torch.tensor([t + [0] * (width - len(t)) for t in self.tables])
+
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("ratio", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_matches_naive(block_size, head_dim, ratio, dtype):
+    kv_heads = 2 if ratio < 8 else 1
+    heads = kv_heads * ratio
+    # Contexts that end on a block boundary, just past one, and inside a block.
+    ctx_lens = [block_size, block_size + 1, 3 * block_size - 5, 1, 2 * block_size]
+    case = PagedCase(ctx_lens, block_size, kv_heads, head_dim, dtype)
+    q = torch.randn(len(ctx_lens), heads, head_dim, generator=torch.Generator().manual_seed(1))
+    q = q.to(dtype)
+    scale = head_dim**-0.5
+    out = paged_attention_decode(
+        q, case.key_cache, case.value_cache, case.block_tables(), torch.tensor(ctx_lens), scale
+    )
+    assert out.dtype == dtype and out.shape == q.shape
+    for s in range(len(ctx_lens)):
+        k, v = case.dense(s)
+        want = naive_attention(q[s : s + 1], k, v, scale, None)[0]
+        torch.testing.assert_close(out[s].double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_decode_sliding_window(window):
+    ctx_lens = [40, 7, 16, 33]
+    case = PagedCase(ctx_lens, 16, 2, 64, torch.float32, seed=3)
+    q = torch.randn(4, 4, 64, generator=torch.Generator().manual_seed(2))
+    out = paged_attention_decode(
+        q, case.key_cache, case.value_cache, case.block_tables(), torch.tensor(ctx_lens),
+        0.125, sliding_window=window,
+    )  # fmt: skip
+    for s in range(4):
+        k, v = case.dense(s)
+        want = naive_attention(q[s : s + 1], k, v, 0.125, window)[0]
+        torch.testing.assert_close(out[s].double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("ratio", [1, 2, 8])
+def test_prefill_with_cached_prefix_matches_naive(window, ratio):
+    # (cached prefix, new tokens): no prefix, a prefix ending on a block, one inside a block.
+    shapes = [(0, 19), (16, 5), (21, 11), (3, 1), (32, 16)]
+    ctx_lens = [p + n for p, n in shapes]
+    kv_heads = 1 if ratio == 8 else 2
+    heads = kv_heads * ratio
+    case = PagedCase(ctx_lens, 16, kv_heads, 64, torch.float32, seed=5)
+    q_lens = [n for _, n in shapes]
+    q = torch.randn(sum(q_lens), heads, 64, generator=torch.Generator().manual_seed(4))
+    starts = torch.tensor([0, *itertools.accumulate(q_lens)])
+    out = paged_attention_prefill(
+        q, case.key_cache, case.value_cache, case.block_tables(), starts, torch.tensor(ctx_lens),
+        0.125, sliding_window=window,
+    )  # fmt: skip
+    for s in range(len(shapes)):
+        k, v = case.dense(s)
+        rows = slice(int(starts[s]), int(starts[s + 1]))
+        want = naive_attention(q[rows], k, v, 0.125, window)
+        torch.testing.assert_close(out[rows].double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_reshape_and_cache_writes_slots_and_skips_padding():
+    key_cache = torch.zeros(4, 8, 2, 16)
+    value_cache = torch.zeros(4, 8, 2, 16)
+    key = torch.randn(5, 2, 16)
+    value = torch.randn(5, 2, 16)
+    slots = torch.tensor([3, 8 * 2 + 7, -1, 0, 8 * 3 + 1])
+    reshape_and_cache(key, value, key_cache, value_cache, slots)
+    flat_k, flat_v = key_cache.flatten(0, 1), value_cache.flatten(0, 1)
+    for i, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat_k[slot], key[i]) and torch.equal(flat_v[slot], value[i])
+    assert int((flat_k.abs().sum(dim=(1, 2)) > 0).sum()) == 4, "the padding token wrote nothing"
