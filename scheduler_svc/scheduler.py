@@ -80,6 +80,7 @@ class Scheduler:
         self._num_waiting = 0
         self._next_seq_id = 1
         self._next_epoch = 1
+        self.num_preemptions = 0
         self._eos = frozenset(config.eos_token_ids)
         self._rng = random.Random(config.seed)
 
@@ -415,6 +416,7 @@ class Scheduler:
             num_running=self.num_running,
             num_waiting_tokens=waiting_tokens,
             prefix_cache_hit_rate=hits / queries if queries else 0.0,
+            num_preemptions=self.num_preemptions,
             replicas=[
                 session_pb2.ReplicaStats(
                     replica_id=r.replica_id,
@@ -520,6 +522,7 @@ class Scheduler:
         """Take a running sequence off its replica (already removed from ``running``)."""
         replica.blocks.free(seq.seq_id)
         replica.pending_preempted.append(seq.seq_id)
+        self.num_preemptions += 1
         self._requeue(seq)
 
     def _requeue(self, seq: Sequence) -> None:

@@ -155,20 +155,22 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_waiting_tokens", "prefix_cache_hit_rate", "replicas", "num_sessions")
+    __slots__ = ("num_waiting", "num_running", "num_waiting_tokens", "prefix_cache_hit_rate", "replicas", "num_sessions", "num_preemptions")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     NUM_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     num_waiting_tokens: int
     prefix_cache_hit_rate: float
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
     num_sessions: int
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting_tokens: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., num_sessions: _Optional[int] = ...) -> None: ...
+    num_preemptions: int
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting_tokens: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., num_sessions: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
 
 class ReplicaStats(_message.Message):
     __slots__ = ("replica_id", "epoch", "state", "num_running", "num_blocks", "num_free_blocks", "kv_usage", "prefix_cache_hit_rate", "steps")
