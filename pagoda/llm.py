@@ -1,0 +1,396 @@
+"""The offline engine: ``LLM(...).generate(prompts, sampling_params)``, as in vLLM.
+
+It wires the two cores that the services run apart — the scheduler
+(``scheduler_svc.scheduler.Scheduler``) and the worker's ``ModelRunner`` — in one
+process, with the text module for prompts, output text and stop strings. Every
+message between them is the same ``pagoda.v1`` protobuf the services exchange.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from pagoda.sampling_params import SamplingParams
+from pagoda.text import IncrementalDetokenizer, StopChecker, Tokenizer
+from pagoda.v1 import common_pb2, session_pb2
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.scheduler import Scheduler
+from worker_svc.model_runner import ModelRunner
+
+FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """An LLM served in this process: continuous batching, paged KV cache, prefix caching."""
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        tokenizer: str | Path | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        kv_cache_memory: int | None = None,
+        num_kv_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        policy: str = "fcfs",
+        seed: int | None = 0,
+        attention_backend: str = "auto",
+        device: str = "auto",
+        compile: bool = False,
+        show_progress: bool = True,
+    ):
+        model_path = _model_path(model)
+        self.model_path = model_path
+        self.tokenizer = _load_tokenizer(model_path, tokenizer)
+        self.runner = ModelRunner(
+            model_path,
+            dtype=dtype,
+            device=device,
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            kv_cache_memory=kv_cache_memory,
+            max_model_len=max_model_len,
+            attention_backend=attention_backend,
+            compile=compile,
+            show_progress=show_progress,
+        )
+        max_len = self.runner.max_model_len
+        if num_kv_blocks is None and self.runner.num_kv_blocks * block_size < max_len:
+            raise ValueError(
+                f"the KV cache holds {self.runner.num_kv_blocks * block_size} tokens, less than "
+                f"one sequence of max_model_len {max_len}: raise kv_cache_memory or lower "
+                "max_model_len"
+            )
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(4096, max_num_seqs)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_model_len=max_len,
+                block_size=block_size,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                eos_token_ids=tuple(self.runner.eos_token_ids),
+                vocab_size=self.runner.vocab_size,
+                policy=policy,
+                enable_prefix_caching=enable_prefix_caching,
+                seed=seed,
+            )
+        )
+        epoch = self.scheduler.join(0, self.runner.num_kv_blocks)
+        self.runner.reset(0, epoch)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        return self.tokenizer
+
+    # -- generation ------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of the prompts.
+
+        A prompt is a string, a list of token ids, or a dict with ``prompt_token_ids``
+        or ``prompt`` (as in vLLM).
+        """
+        items = _as_list(prompts)
+        params = _params_for(items, sampling_params)
+        requests: list[_Request] = []
+        try:
+            for i, (prompt, p) in enumerate(zip(items, params, strict=True)):
+                text, ids = self._tokenize_prompt(prompt)
+                requests.append(self._submit(text, ids, p, priority[i] if priority else 0))
+        except BaseException:
+            for request in requests:  # an invalid prompt leaves nothing queued behind
+                self.scheduler.abort(request.request_id)
+            raise
+        self._run(requests, use_tqdm)
+        return [r.output() for r in requests]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[RequestOutput]:
+        """Render one conversation or several with the model's chat template, then generate."""
+        tokenizer = self._require_tokenizer()
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+            )
+            # The template already holds the special tokens (BOS) it wants.
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{self.model_path} has no tokenizer (tokenizer.json): give token ids, "
+                "or pass tokenizer=..."
+            )
+        return self.tokenizer
+
+    def _tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self._require_tokenizer().encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                return prompt["prompt"], self._require_tokenizer().encode(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list | tuple):
+            return None, [int(t) for t in prompt]
+        raise TypeError(f"unsupported prompt type {type(prompt).__name__}")
+
+    def _submit(
+        self, text: str | None, ids: list[int], params: SamplingParams, priority: int
+    ) -> _Request:
+        request_id = str(next(self._ids))
+        submit = session_pb2.Submit(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            sampling=params.to_proto(),
+            priority=priority,
+        )
+        self.scheduler.add(submit, time.monotonic())
+        samples = [_Sample(i, self._text_state(ids, params)) for i in range(params.n)]
+        return _Request(request_id, text, ids, params, samples)
+
+    def _text_state(self, prompt_ids: list[int], params: SamplingParams) -> _Text | None:
+        if self.tokenizer is None:
+            return None
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+        )
+        stops = StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None
+        return _Text(detokenizer, stops)
+
+    def _run(self, requests: list[_Request], use_tqdm: bool) -> None:
+        by_id = {r.request_id: r for r in requests}
+        bar = tqdm(total=len(requests), desc="Generating", unit="req", disable=not use_tqdm)
+        scheduler, runner = self.scheduler, self.runner
+        try:
+            while scheduler.has_unfinished():
+                plan = scheduler.schedule(0, time.monotonic())
+                if plan is None:
+                    raise RuntimeError("requests are waiting but nothing can be scheduled")
+                result = runner.execute(plan)
+                if result.error.kind:
+                    raise RuntimeError(f"the model runner refused a step: {result.error.detail}")
+                outputs = scheduler.update(result).get("")
+                if outputs is not None:
+                    done = self._deliver(outputs, by_id)
+                    bar.update(done)
+        except BaseException:
+            for request in requests:
+                scheduler.abort(request.request_id)
+            raise
+        finally:
+            bar.close()
+
+    def _deliver(self, outputs: session_pb2.StepOutputs, by_id: dict[str, _Request]) -> int:
+        """Apply one step's outputs; returns how many requests completed."""
+        for rid, index, token in zip(
+            outputs.request_ids, outputs.indices, outputs.token_ids, strict=True
+        ):
+            sample = by_id[rid].samples[index]
+            stop = sample.add_token(token)
+            finished = stop is not None and sample.finish_reason is None
+            if finished and self.scheduler.finish(rid, index) is not None:
+                sample.finish("stop", stop)
+        for delta in outputs.logprobs:
+            request = by_id[delta.request_id]
+            if delta.prompt:
+                request.prompt_logprobs.extend(delta.prompt)
+            request.samples[delta.index].logprobs.extend(delta.tokens)
+        done = 0
+        for fin in outputs.finished:
+            request = by_id[fin.request_id]
+            sample = request.samples[fin.index]
+            if sample.finish_reason is None:
+                stop = fin.stop_token_id if fin.HasField("stop_token_id") else None
+                sample.finish(FINISH_REASONS[fin.reason], stop)
+            request.num_cached_tokens = max(request.num_cached_tokens, fin.num_cached_tokens)
+            done += request.complete()
+        return done
+
+
+@dataclass
+class _Text:
+    detokenizer: IncrementalDetokenizer
+    stops: StopChecker | None
+    text: str = ""
+
+
+@dataclass
+class _Sample:
+    index: int
+    text_state: _Text | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add_token(self, token: int) -> str | None:
+        """Append a token and its text; returns the stop string it completed, if any."""
+        self.token_ids.append(token)
+        state = self.text_state
+        if state is None or self.finish_reason is not None:
+            return None
+        delta = state.detokenizer.push([token])
+        if state.stops is None:
+            state.text += delta
+            return None
+        state.text += state.stops.push(delta)
+        return state.stops.matched
+
+    def finish(self, reason: str, stop: int | str | None) -> None:
+        """End the sample; text held back for a possible stop string is released."""
+        self.finish_reason = reason
+        self.stop_reason = stop
+        state = self.text_state
+        if state is None or isinstance(stop, str):
+            return
+        tail = state.detokenizer.flush()
+        if state.stops is None:
+            state.text += tail
+        else:
+            state.text += state.stops.push(tail) + state.stops.flush()
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    prompt_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    completed: bool = False
+
+    def complete(self) -> int:
+        if self.completed or any(s.finish_reason is None for s in self.samples):
+            return 0
+        self.completed = True
+        return 1
+
+    def output(self) -> RequestOutput:
+        want_logprobs = self.params.logprobs is not None
+        outputs = []
+        for s in self.samples:
+            logprobs = [_position(lp) for lp in s.logprobs] if want_logprobs else None
+            cumulative = sum(lp.logprob for lp in s.logprobs) if want_logprobs else None
+            text = s.text_state.text if s.text_state is not None else ""
+            outputs.append(
+                CompletionOutput(
+                    s.index, text, s.token_ids, cumulative, logprobs, s.finish_reason, s.stop_reason
+                )
+            )
+        prompt_logprobs = None
+        if self.params.prompt_logprobs is not None:
+            prompt_logprobs = [None, *(_position(lp) for lp in self.prompt_logprobs)]
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=prompt_logprobs,
+            outputs=outputs,
+            finished=self.completed,
+            num_cached_tokens=self.num_cached_tokens,
+        )
+
+
+def _position(lp: common_pb2.TokenLogprobs) -> PositionLogprobs:
+    """vLLM's shape: the chosen token, then the top alternatives, each with its rank."""
+    out = {lp.token_id: Logprob(lp.logprob, lp.rank)}
+    tops = zip(lp.top_token_ids, lp.top_logprobs, strict=True)
+    for rank, (token, value) in enumerate(tops, start=1):
+        out.setdefault(token, Logprob(value, rank))
+    return out
+
+
+def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str | dict):
+        return [prompts]
+    if isinstance(prompts, list | tuple) and prompts and isinstance(prompts[0], int):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def _params_for(
+    items: list[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None
+) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * len(items)
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * len(items)
+    params = list(sampling_params)
+    if len(params) != len(items):
+        raise ValueError(f"{len(items)} prompts but {len(params)} sampling parameters")
+    return params
+
+
+def _model_path(model: str | Path | None) -> Path:
+    if model is None:
+        from pagoda.default_model import default_model_path
+
+        return default_model_path()
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {str(model)!r} not found (give a local folder or .gguf file)"
+        )
+    return path
+
+
+def _load_tokenizer(model: Path, tokenizer: str | Path | None) -> Tokenizer | None:
+    """The tokenizer beside the model, or from its model card for a GGUF file."""
+    if tokenizer is not None:
+        return Tokenizer.from_dir(Path(tokenizer))
+    if model.is_file():
+        from worker_svc.model_card_writer import ensure_model_card
+
+        return Tokenizer.from_dir(ensure_model_card(model).tokenizer_dir)
+    if (model / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(model)
+    return None
