@@ -11,7 +11,6 @@ block id out of range) is refused, never computed on stale state.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kernels.dispatch import get_ops
+from pagoda.model_card import eos_ids, hf_eos_token_ids, max_model_len_of
 from pagoda.sampling_params import SamplingParams
 from pagoda.v1 import step_pb2
 from worker_svc import kv_cache
@@ -333,28 +333,16 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _eos_token_ids(path: Path, config: dict) -> list[int]:
-    """EOS ids: generation_config.json's when present (it may list several), else config.json's."""
-    ids = None
-    gen = path / "generation_config.json"
-    if not is_gguf(path) and gen.is_file():
-        ids = json.loads(gen.read_text()).get("eos_token_id")
-    if ids is None:
-        ids = config.get("eos_token_id")
-    if ids is None:
-        return []
-    return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
+    """The same EOS ids the model card gives the scheduler and the gateway."""
+    if is_gguf(path):
+        return eos_ids(config.get("eos_token_id"))
+    return list(hf_eos_token_ids(path, config))
 
 
 def _max_model_len(config: dict, requested: int | None) -> int:
-    limit = None
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if config.get(key):
-            limit = int(config[key])
-            break
+    limit = max_model_len_of(config)
     if requested is None:
-        if limit is None:
-            raise ValueError("the config gives no maximum length: pass max_model_len")
         return limit
-    if limit is not None and requested > limit:
+    if requested > limit:
         raise ValueError(f"max_model_len {requested} exceeds the model's {limit} positions")
     return requested
