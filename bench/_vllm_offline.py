@@ -6,8 +6,8 @@ the thread binding and preloads in the environment:
 
     $ANCHOR_DIR/venv/bin/python bench/_vllm_offline.py SPEC.json [RESULT.json]
 
-It prints the raw timings as one JSON line (and writes them to RESULT.json if given); the
-warm-up and the timing loop are the same as bench/offline.py's ``measure``.
+It prints the raw timings as one JSON line (and writes them to RESULT.json if given),
+timed by bench/offline.py's own ``measure``.
 """
 
 from __future__ import annotations
@@ -23,37 +23,23 @@ from typing import Any
 
 from vllm import LLM, SamplingParams
 
+# bench/offline.py imports only the standard library, so its timing loop serves here too.
+sys.path.insert(0, str(Path(__file__).parent))
+import offline
+
 Prompts = list[list[int]]
 
 
-def timed(llm: LLM, prompts: Prompts, max_tokens: int) -> float:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    requests = [{"prompt_token_ids": p} for p in prompts]
-    t0 = time.perf_counter()
-    outputs = llm.generate(requests, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
-    lengths = sorted({len(o.outputs[0].token_ids) for o in outputs})
-    if len(outputs) != len(prompts) or lengths != [max_tokens]:
-        raise RuntimeError(
-            f"{len(prompts)} prompts, {max_tokens} tokens each: got {len(outputs)} outputs "
-            f"of lengths {lengths}"
-        )
-    return seconds
+def generator(llm: LLM):
+    """vLLM's generate in the shape bench/offline.py times: token ids in, token ids out."""
 
+    def generate(prompts: Prompts, max_tokens: int) -> Prompts:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        requests = [{"prompt_token_ids": p} for p in prompts]
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
 
-def measure(llm: LLM, runs: list, output_len: int) -> dict[str, Any]:
-    batch_s: list[float] = []
-    first_s: list[float] = []
-    single_s: list[float] = []
-    for i, run in enumerate(runs):
-        b = timed(llm, run["batch"], output_len)
-        f = timed(llm, [run["first"]], 1)
-        s = timed(llm, [run["single"]], output_len)
-        if i > 0:
-            batch_s.append(b)
-            first_s.append(f)
-            single_s.append(s)
-    return {"batch_s": batch_s, "first_s": first_s, "single_s": single_s}
+    return generate
 
 
 def bound_threads(bind: str) -> int | None:
@@ -79,7 +65,7 @@ def run(spec: dict) -> dict[str, Any]:
         seed=spec["seed"],
     )
     load_s = time.perf_counter() - t0
-    timings = measure(llm, spec["runs"], spec["output_len"])
+    timings = offline.measure(generator(llm), spec["runs"], spec["output_len"])
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
     names = ("VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD", "VLLM_USE_AOT_COMPILE")
     return {

@@ -152,7 +152,7 @@ def timed(generate: Generate, prompts: Prompts, max_tokens: int) -> float:
 
 
 def measure(generate: Generate, runs: list, output_len: int) -> dict[str, Any]:
-    """Raw timings: the first run warms up, the others are measured (vLLM's copy: same)."""
+    """Raw timings: the first run warms up, the others are measured (vLLM's script too)."""
     batch_s: list[float] = []
     first_s: list[float] = []
     single_s: list[float] = []
