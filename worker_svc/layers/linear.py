@@ -50,9 +50,14 @@ class LinearBase(nn.Module):
 
 
 def _copy(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"{what}: checkpoint shape {tuple(loaded.shape)} != {tuple(param.shape)}")
+    _expect(loaded, tuple(param.shape), what)
     param.copy_(loaded)
+
+
+def _expect(loaded: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    """Check a whole checkpoint tensor before any rank takes its slice of it."""
+    if tuple(loaded.shape) != shape:
+        raise ValueError(f"{what}: checkpoint shape {tuple(loaded.shape)} != {shape}")
 
 
 class ReplicatedLinear(LinearBase):
@@ -72,6 +77,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard=None) -> None:
         size = param.shape[0]
+        _expect(loaded, (size * self.tp_size, *param.shape[1:]), "column-parallel linear")
         _copy(param.data, loaded.narrow(0, self.tp_rank * size, size), "column-parallel linear")
 
 
@@ -85,6 +91,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: int) -> None:
         size = self.out_sizes[shard] // self.tp_size
         offset = sum(self.out_sizes[:shard]) // self.tp_size
+        _expect(loaded, (self.out_sizes[shard], *param.shape[1:]), f"merged linear shard {shard}")
         part = loaded.narrow(0, self.tp_rank * size, size)
         _copy(param.data.narrow(0, offset, size), part, f"merged linear shard {shard}")
 
@@ -131,6 +138,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = q_size if shard == "k" else q_size + kv_size
             size, rank = kv_size, self.tp_rank // self.kv_replicas
+        ranks = self.tp_size if shard == "q" else self.tp_size // self.kv_replicas
+        _expect(loaded, (size * ranks, *param.shape[1:]), f"qkv shard {shard}")
         part = loaded.narrow(0, rank * size, size)
         _copy(param.data.narrow(0, offset, size), part, f"qkv shard {shard}")
 
@@ -148,6 +157,7 @@ class RowParallelLinear(LinearBase):
             _copy(param.data, loaded, "row-parallel bias")
             return
         size = param.shape[1]
+        _expect(loaded, (param.shape[0], size * self.tp_size), "row-parallel linear")
         _copy(param.data, loaded.narrow(1, self.tp_rank * size, size), "row-parallel linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
