@@ -6,7 +6,8 @@ byte-level BPE splits one emoji or CJK character over several tokens, and Senten
 decoders drop the leading space of the first token they see. So, as vLLM does, each step
 decodes a small window: the tokens already shown last time (the *prefix*, for context)
 plus the new ones, and emits what the new ones add to the prefix's text. While that text
-ends in U+FFFD (an incomplete UTF-8 character) it is held back until more tokens arrive.
+holds U+FFFD (an incomplete UTF-8 character; with byte-fallback decoders anywhere in a
+run of byte tokens) it is held back until more tokens arrive.
 
 The text of the output tokens is defined as the text they add after the prompt:
 ``decode(prompt + output)`` minus its first ``len(decode(prompt))`` characters, with the
@@ -53,6 +54,7 @@ class IncrementalDetokenizer:
         # Skipped special tokens decode to nothing: drop them up front, so they never
         # take the place of the context a SentencePiece decoder needs.
         self._skipped = tokenizer.skipped_special_ids if skip_special_tokens else frozenset()
+        self._continuations = tokenizer.byte_continuation_ids
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
         context = self._context(prompt_token_ids)
@@ -65,11 +67,18 @@ class IncrementalDetokenizer:
     def push(self, new_token_ids: Sequence[int]) -> str:
         """The text that ``new_token_ids`` add, minus any incomplete character at the end
         (it comes out with a later push or with ``flush``)."""
-        self._tokens.extend(self._kept(new_token_ids))
-        if len(self._tokens) == self._read:
+        new = self._kept(new_token_ids)
+        if not new:  # nothing added: no reason to decode, nor to count a held push
             return ""
+        self._tokens.extend(new)
         text = self._decode(self._tokens)
-        if not text.endswith(_REPLACEMENT):
+        # Show the new text only once it holds no U+FFFD anywhere and still extends what
+        # was shown: a byte-fallback decoder turns a whole run of byte tokens into U+FFFD
+        # while any character in it is incomplete, so the replacement can sit mid-text.
+        if (
+            text.startswith(self._prefix_text)
+            and _REPLACEMENT not in text[len(self._prefix_text) :]
+        ):
             return self._emit(text, len(self._tokens))
         self._held_pushes += 1
         if self._held_pushes > _MAX_HELD and len(self._tokens) - self._read > _MAX_HELD:
@@ -106,7 +115,11 @@ class IncrementalDetokenizer:
         first = len(self._tokens) - _MAX_CHAR_TOKENS
         for end in range(first, first - _MAX_CHAR_TOKENS, -1):
             shown = self._decode(self._tokens[:end])
-            if text.startswith(shown) and (delta := self._emit(shown, end)):
+            # Never cut inside a character spelled in byte-fallback tokens: such a decoder
+            # shows a whole run as replacements while any character in it is incomplete.
+            if self._tokens[end] in self._continuations or not text.startswith(shown):
+                continue
+            if delta := self._emit(shown, end):
                 return delta
         return ""
 

@@ -11,6 +11,7 @@ chat prompt from ``apply_chat_template``. The folder rules it follows are in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from os import PathLike
 from typing import Any
 
@@ -132,6 +133,21 @@ class Tokenizer:
         """Ids that ``decode(skip_special_tokens=True)`` drops: every added token marked
         special, a superset of ``all_special_ids`` (SmolLM2 has 17 such tokens, 3 named)."""
         return self._skipped_special_ids
+
+    @cached_property
+    def byte_continuation_ids(self) -> frozenset[int]:
+        """Byte-fallback tokens (``<0x80>`` .. ``<0xBF>``) that continue a UTF-8 character:
+        text cut just before one of them is cut inside a character."""
+        ids = []
+        for token, i in self._backend.get_vocab(with_added_tokens=False).items():
+            if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                try:
+                    value = int(token[3:5], 16)
+                except ValueError:
+                    continue
+                if 0x80 <= value <= 0xBF:
+                    ids.append(i)
+        return frozenset(ids)
 
     @property
     def model_max_length(self) -> int | None:

@@ -195,6 +195,7 @@ class _CountingTokenizer:
     def __init__(self, tok: Tokenizer) -> None:
         self.backend = _CountingBackend(tok.backend)
         self.skipped_special_ids = tok.skipped_special_ids
+        self.byte_continuation_ids = tok.byte_continuation_ids
 
 
 def _cost(tok: Tokenizer, ids: list[int]) -> tuple[int, int]:
@@ -232,3 +233,23 @@ def test_empty_pushes_and_repeated_flush(bytelevel_dir: Path) -> None:
     assert detok.push(tok.encode("hello", add_special_tokens=False)) == "hello"
     assert detok.flush() == "" and detok.flush() == ""
     assert detok.push([]) == ""
+
+
+def test_byte_fallback_runs_are_never_cut_inside_a_character(llama2_dir: Path) -> None:
+    """A byte-fallback decoder shows a whole run of byte tokens as U+FFFD while any character
+    in it is incomplete. Empty pushes in the meantime, and a long run, must not make the
+    stream give up waiting and show a cut inside a character."""
+    tok = _load(llama2_dir)
+    byte = {int(t[3:5], 16): i for t, i in tok.backend.get_vocab().items() if t.startswith("<0x")}
+    run = [byte[b] for b in ("\U00010000" * 3).encode()]  # 12 byte tokens, 3 characters
+    word = tok.encode(" 0", add_special_tokens=False)
+    chunks = [word, run[:1], *([[]] * 8), run[1:11], run[11:]]
+    prompt = tok.encode("x")
+    expected = output_text(tok, prompt, [t for c in chunks for t in c], skip=False)
+    assert "\ufffd" not in expected
+    detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=False)
+    shown = ""
+    for chunk in chunks:
+        shown += detok.push(chunk)
+        assert expected.startswith(shown), (shown, expected)
+    assert shown + detok.flush() == expected
