@@ -153,6 +153,7 @@ class Scheduler:
             arrival_time=now,
             seed=params.seed,
             extra_hash=extra_keys(submit.lora_id, submit.cache_salt),
+            uses_prefix_cache=params.prompt_logprobs is None,
             lora_id=submit.lora_id,
             structured_output=submit.structured_output
             if submit.HasField("structured_output")
@@ -288,10 +289,13 @@ class Scheduler:
                 if seq is None:
                     break
                 num_tokens = len(seq.token_ids)
-                hits = blocks.lookup(seq.block_hashes, num_tokens)
+                if seq.request.uses_prefix_cache:
+                    hits = blocks.lookup(seq.block_hashes, num_tokens)
+                    num_queried = min(len(seq.block_hashes), (num_tokens - 1) // bs)
+                else:
+                    hits, num_queried = [], 0
                 num_cached = len(hits) * bs
                 num_new = min(num_tokens - num_cached, budget)
-                num_queried = min(len(seq.block_hashes), (num_tokens - 1) // bs)
                 table = blocks.admit(seq.seq_id, hits, num_cached + num_new, num_queried)
                 if table is None:
                     break

@@ -34,6 +34,8 @@ class Request:
     arrival_time: float
     seed: int | None
     extra_hash: bytes  # the prefix-cache extra keys (LoRA id, cache salt)
+    # Prompt logprobs need every prompt position computed, so no prefix-cache hit (as vLLM).
+    uses_prefix_cache: bool = True
     lora_id: str = ""
     structured_output: common_pb2.StructuredOutput | None = None
     sequences: list[Sequence] = field(default_factory=list)

@@ -178,3 +178,11 @@ def test_compiled_model_gives_the_eager_tokens(model, llm):
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(max_tokens=8))]
     got = [o.outputs[0].token_ids for o in compiled.generate(prompts, greedy(max_tokens=8))]
     assert got == want
+
+
+def test_prompt_logprobs_cover_a_prompt_whose_prefix_is_cached(llm):
+    prefix = list(range(3, 70))
+    llm.generate([prefix + [80]], greedy(max_tokens=2))  # caches the prefix
+    out = llm.generate([prefix + [81]], greedy(max_tokens=2, prompt_logprobs=0))[0]
+    assert len(out.prompt_logprobs) == len(prefix) + 1
+    assert all(p is not None for p in out.prompt_logprobs[1:])

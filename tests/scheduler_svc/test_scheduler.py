@@ -549,3 +549,17 @@ def test_logprobs_reach_the_owner_of_the_sequence():
     assert list(outputs.token_ids) == [42]
     (delta,) = outputs.logprobs
     assert [p.token_id for p in delta.tokens] == [42] and not delta.prompt
+
+
+def test_a_request_asking_for_prompt_logprobs_computes_its_whole_prompt():
+    cluster = Cluster(config())
+    cluster.join(0, 64)
+    system = list(range(100, 132))
+    cluster.submit("warm", system + [1])
+    cluster.run()
+    cluster.submit("plain", system + [2], SamplingParams(max_tokens=2))
+    cluster.submit("logprobs", system + [3], SamplingParams(max_tokens=2, prompt_logprobs=0))
+    plan = cluster.step(0)
+    cached = {n.seq: n.num_cached_tokens for n in plan.new_sequences}
+    assert cached[cluster.scheduler.sequence("plain").seq_id] == 32
+    assert cached[cluster.scheduler.sequence("logprobs").seq_id] == 0
