@@ -3,16 +3,24 @@
 Every backend provides the same functions with the same signatures; the model's
 layers call them through an :class:`Ops` so that choosing a backend is one
 argument (``attention_backend``) rather than a branch in every layer.
+
+``torch`` is the reference and the CPU path. ``triton`` runs the Triton kernels: on
+CUDA tensors compiled, and on CPU tensors only under Triton's interpreter
+(``TRITON_INTERPRET=1``), which is how they are tested without a GPU. ``auto``
+takes Triton on CUDA and torch elsewhere. The Triton modules are imported only
+when that backend is asked for, so a CPU worker never pays for importing triton.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
-from kernels import activation, attention, cache, norm, rotary
+from kernels import activation, attention, norm, rotary
+from kernels import cache as kv_cache
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,7 @@ class Ops:
 
 TORCH = Ops(
     name="torch",
-    reshape_and_cache=cache.reshape_and_cache,
+    reshape_and_cache=kv_cache.reshape_and_cache,
     paged_attention_decode=attention.paged_attention_decode,
     paged_attention_prefill=attention.paged_attention_prefill,
     rms_norm=norm.rms_norm,
@@ -38,21 +46,57 @@ TORCH = Ops(
     silu_and_mul=activation.silu_and_mul,
 )
 
-_BACKENDS: dict[str, Ops] = {"torch": TORCH}
+
+@cache
+def triton_ops() -> Ops:
+    """The Triton kernels (imports triton on first use)."""
+    from kernels import triton_attention, triton_cache, triton_pointwise
+
+    return Ops(
+        name="triton",
+        reshape_and_cache=triton_cache.reshape_and_cache,
+        paged_attention_decode=triton_attention.paged_attention_decode,
+        paged_attention_prefill=triton_attention.paged_attention_prefill,
+        rms_norm=triton_pointwise.rms_norm,
+        rotary_embedding=triton_pointwise.rotary_embedding,
+        silu_and_mul=triton_pointwise.silu_and_mul,
+    )
+
+
+_BACKENDS: dict[str, Callable[[], Ops]] = {"torch": lambda: TORCH, "triton": triton_ops}
 
 
 def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def get_ops(backend: str = "auto", device: torch.device | str = "cpu") -> Ops:
     """The ops for ``backend``; ``auto`` picks the fastest one available for ``device``."""
+    device = torch.device(device)
     if backend == "auto":
-        return TORCH
+        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
     try:
-        return _BACKENDS[backend]
+        make = _BACKENDS[backend]
     except KeyError:
         raise ValueError(
             f"unknown attention backend {backend!r}; available: auto, "
             + ", ".join(available_backends())
         ) from None
+    if backend == "triton":
+        from kernels.triton_support import INTERPRET
+
+        if device.type != "cuda" and not INTERPRET:
+            raise ValueError(
+                f"the triton attention backend needs a CUDA device, not {device.type}; "
+                "set TRITON_INTERPRET=1 before triton is imported to run its kernels "
+                "in Triton's interpreter (slow; for tests)"
+            )
+    return make()
