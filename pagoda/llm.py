@@ -56,6 +56,7 @@ class LLM:
         attention_backend: str = "auto",
         device: str = "auto",
         compile: bool = False,
+        cuda_graphs: bool = False,
         show_progress: bool = True,
     ):
         model_path = _model_path(model)
@@ -71,6 +72,8 @@ class LLM:
             max_model_len=max_model_len,
             attention_backend=attention_backend,
             compile=compile,
+            cuda_graphs=cuda_graphs,
+            cuda_graph_max_batch=max_num_seqs,
             show_progress=show_progress,
         )
         max_len = self.runner.max_model_len

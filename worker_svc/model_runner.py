@@ -22,6 +22,7 @@ from pagoda.model_card import eos_ids, hf_eos_token_ids, max_model_len_of
 from pagoda.sampling_params import SamplingParams
 from pagoda.v1 import step_pb2
 from worker_svc import kv_cache
+from worker_svc.cuda_graphs import DEFAULT_MAX_BATCH, DecodeGraphs
 from worker_svc.layers import cpu_gemm
 from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.loader import is_gguf, load_model
@@ -79,6 +80,8 @@ class ModelRunner:
         max_model_len: int | None = None,
         attention_backend: str = "auto",
         compile: bool = False,
+        cuda_graphs: bool = False,
+        cuda_graph_max_batch: int = DEFAULT_MAX_BATCH,
         show_progress: bool = True,
     ):
         self.device = _resolve_device(device)
@@ -114,10 +117,20 @@ class ModelRunner:
             # oneDNN itself (the eager path packs them by hand instead).
             torch._inductor.config.freezing = True
             self._forward = torch.compile(self.model.forward)
+        self.graphs = self._decode_graphs(cuda_graph_max_batch) if cuda_graphs else None
         self.seqs: dict[int, SequenceState] = {}
         self.replica_id = 0
         self.epoch = 0
         self.last_step = 0
+
+    def _decode_graphs(self, max_batch: int) -> DecodeGraphs:
+        if self.device.type != "cuda" or self.ops.name != "triton":
+            raise ValueError(
+                "cuda_graphs needs a CUDA device and the triton attention backend "
+                f"(have {self.device.type} and {self.ops.name})"
+            )
+        width = -(-self.max_model_len // self.block_size)
+        return DecodeGraphs(self._forward, self.device, width, max_batch)
 
     # -- protocol --------------------------------------------------------------------
 
@@ -222,7 +235,11 @@ class ModelRunner:
 
     def _run(self, batch: list[tuple[SequenceState, int]], result: step_pb2.StepResult) -> None:
         inputs = self._prepare(batch)
-        hidden = self._forward(inputs.input_ids, inputs.positions, inputs.meta)
+        hidden = None
+        if self.graphs is not None:
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        if hidden is None:
+            hidden = self._forward(inputs.input_ids, inputs.positions, inputs.meta)
         for state, num_new in batch:
             state.num_computed += num_new
         if inputs.prompt_rows:
