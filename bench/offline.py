@@ -218,9 +218,10 @@ def transformers_engine(spec: dict) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(len(usable_cpus()))
+    device = spec.get("device", "cpu")
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]))
-    model.eval()
+    model.to(device).eval()
     load_s = time.perf_counter() - t0
     pad = model.config.pad_token_id
     if pad is None:
@@ -236,8 +237,8 @@ def transformers_engine(spec: dict) -> dict[str, Any]:
             mask[row, width - len(p) :] = 1
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 do_sample=False,
                 max_new_tokens=max_tokens,
                 min_new_tokens=max_tokens,
