@@ -8,3 +8,5 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check .
 .venv/bin/lint-imports
 .venv/bin/python -m pytest -q "$@"
+# The kernels once more with triton 3.6, the release on the GPU machines.
+bash scripts/triton_compat.sh
