@@ -19,18 +19,12 @@ from tqdm import tqdm
 
 from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from pagoda.sampling_params import SamplingParams
-from pagoda.text import IncrementalDetokenizer, StopChecker, Tokenizer
+from pagoda.text import Tokenizer
+from pagoda.text.sample_stream import FINISH_REASONS, SampleStream
 from pagoda.v1 import common_pb2, session_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.scheduler import Scheduler
 from worker_svc.model_runner import ModelRunner
-
-FINISH_REASONS = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-    common_pb2.FINISH_REASON_ERROR: "error",
-}
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -192,20 +186,8 @@ class LLM:
             priority=priority,
         )
         self.scheduler.add(submit, time.monotonic())
-        samples = [_Sample(i, self._text_state(ids, params)) for i in range(params.n)]
+        samples = [SampleStream.start(i, self.tokenizer, ids, params) for i in range(params.n)]
         return _Request(request_id, text, ids, params, samples)
-
-    def _text_state(self, prompt_ids: list[int], params: SamplingParams) -> _Text | None:
-        if self.tokenizer is None:
-            return None
-        detokenizer = IncrementalDetokenizer(
-            self.tokenizer,
-            prompt_ids,
-            skip_special_tokens=params.skip_special_tokens,
-            spaces_between_special_tokens=params.spaces_between_special_tokens,
-        )
-        stops = StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None
-        return _Text(detokenizer, stops)
 
     def _run(self, requests: list[_Request], use_tqdm: bool) -> None:
         by_id = {r.request_id: r for r in requests}
@@ -244,7 +226,7 @@ class LLM:
             request = by_id[delta.request_id]
             if delta.prompt:
                 request.prompt_logprobs.extend(delta.prompt)
-            request.samples[delta.index].logprobs.extend(delta.tokens)
+            request.samples[delta.index].add_logprobs(delta.tokens)
         done = 0
         for fin in outputs.finished:
             request = by_id[fin.request_id]
@@ -258,55 +240,12 @@ class LLM:
 
 
 @dataclass
-class _Text:
-    detokenizer: IncrementalDetokenizer
-    stops: StopChecker | None
-    text: str = ""
-
-
-@dataclass
-class _Sample:
-    index: int
-    text_state: _Text | None
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-    def add_token(self, token: int) -> str | None:
-        """Append a token and its text; returns the stop string it completed, if any."""
-        self.token_ids.append(token)
-        state = self.text_state
-        if state is None or self.finish_reason is not None:
-            return None
-        delta = state.detokenizer.push([token])
-        if state.stops is None:
-            state.text += delta
-            return None
-        state.text += state.stops.push(delta)
-        return state.stops.matched
-
-    def finish(self, reason: str, stop: int | str | None) -> None:
-        """End the sample; text held back for a possible stop string is released."""
-        self.finish_reason = reason
-        self.stop_reason = stop
-        state = self.text_state
-        if state is None or isinstance(stop, str):
-            return
-        tail = state.detokenizer.flush()
-        if state.stops is None:
-            state.text += tail
-        else:
-            state.text += state.stops.push(tail) + state.stops.flush()
-
-
-@dataclass
 class _Request:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    samples: list[_Sample]
+    samples: list[SampleStream]
     prompt_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
     num_cached_tokens: int = 0
     completed: bool = False
@@ -323,10 +262,15 @@ class _Request:
         for s in self.samples:
             logprobs = [_position(lp) for lp in s.logprobs] if want_logprobs else None
             cumulative = sum(lp.logprob for lp in s.logprobs) if want_logprobs else None
-            text = s.text_state.text if s.text_state is not None else ""
             outputs.append(
                 CompletionOutput(
-                    s.index, text, s.token_ids, cumulative, logprobs, s.finish_reason, s.stop_reason
+                    s.index,
+                    s.text,
+                    s.token_ids,
+                    cumulative,
+                    logprobs,
+                    s.finish_reason,
+                    s.stop_reason,
                 )
             )
         prompt_logprobs = None
