@@ -201,6 +201,19 @@ class Scheduler:
             self.abort(request_id, owner)
         return len(keys)
 
+    def abort_unadmitted(self) -> dict[str, list[session_pb2.SequenceFinished]]:
+        """End every sequence still waiting for its first admission (a draining scheduler
+        starts nothing new); returns their final records (reason "abort") by owner.
+
+        Sequences waiting to resume after a preemption or a replica's death have
+        streamed tokens already: they stay queued and finish.
+        """
+        records: dict[str, list[session_pb2.SequenceFinished]] = {}
+        for _, seq in list(self._waiting):
+            if seq.status is Status.WAITING and not seq.admitted_once:
+                records.setdefault(seq.request.owner, []).append(self._end(seq, ABORT))
+        return records
+
     def finish(
         self, request_id: str, index: int, reason: int = STOP, owner: str = ""
     ) -> session_pb2.SequenceFinished | None:

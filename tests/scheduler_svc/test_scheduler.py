@@ -270,6 +270,28 @@ def test_abort_owner_ends_every_request_of_a_broken_session():
     assert all(cluster.streams[("gw1", f"x{i}", 0)].finished is None for i in range(3))
 
 
+def test_abort_unadmitted_drops_only_sequences_that_never_started():
+    cluster = Cluster(config(max_num_seqs=2))
+    cluster.join(0, 64)
+    cluster.join(1, 64)
+    for i in range(4):
+        cluster.submit(f"r{i}", [1, 2, 3, i + 4], owner="gw1" if i % 2 else "gw2")
+    cluster.step(0)  # r0 and r1 start on replica 0
+    cluster.step(0)
+    cluster.leave(0)  # ... and wait to resume, with tokens streamed
+    records = cluster.scheduler.abort_unadmitted()
+    assert {o: sorted(r.request_id for r in recs) for o, recs in records.items()} == {
+        "gw1": ["r3"],
+        "gw2": ["r2"],
+    }
+    reasons = {r.reason for recs in records.values() for r in recs}
+    assert reasons == {common_pb2.FINISH_REASON_ABORT}
+    assert cluster.scheduler.num_waiting == 2
+    cluster.scheduler.check_invariants()
+    cluster.run()
+    assert all(cluster.streams[(o, f"r{i}", 0)].finished for i, o in ((0, "gw2"), (1, "gw1")))
+
+
 def test_finish_ends_one_sequence_and_leaves_its_siblings():
     cluster = Cluster(config())
     cluster.join(0, 64)

@@ -1,0 +1,231 @@
+"""``pagoda scheduler``: flags, environment fallbacks, and the process around the service.
+
+``run`` reads the model card, builds the policy's and the shell's settings, runs the
+service on a uvloop event loop until SIGTERM or SIGINT, drains, and returns the exit
+code (0 after a drain, 1 when a port cannot be bound, 2 for bad settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+import zmq
+
+from pagoda.model_card import ModelCard
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.service import SchedulerService
+from scheduler_svc.settings import ServiceSettings
+
+log = logging.getLogger("scheduler_svc")
+
+# vLLM V1's default token budget for an API server; never below max_num_seqs.
+DEFAULT_BATCHED_TOKENS = 2048
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scheduler's flags; each help text shows its default and its env fallback."""
+    env = os.environ.get
+    card = env("PAGODA_MODEL_CARD")
+    parser.add_argument(
+        "--model",
+        default=card,
+        required=card is None,
+        help="model card folder (written by `pagoda prepare-model`, or a Hugging Face "
+        "folder); env PAGODA_MODEL_CARD (default: %(default)s)",
+    )
+    net = parser.add_argument_group("addresses")
+    net.add_argument(
+        "--host",
+        default=env("PAGODA_SCHEDULER_HOST", "127.0.0.1"),
+        help="address of all three ports; env PAGODA_SCHEDULER_HOST (default: %(default)s)",
+    )
+    # String defaults from the environment go through `type`, so a bad value is a usage error.
+    net.add_argument(
+        "--grpc-port",
+        type=int,
+        default=env("PAGODA_SCHEDULER_GRPC_PORT", 50061),
+        help="gRPC port for gateway sessions, Stats and health, 0: any free port; "
+        "env PAGODA_SCHEDULER_GRPC_PORT (default: %(default)s)",
+    )
+    net.add_argument(
+        "--step-port",
+        type=int,
+        default=env("PAGODA_STEP_PORT", 50062),
+        help="ZeroMQ port the workers dial, 0: any free port; env PAGODA_STEP_PORT "
+        "(default: %(default)s)",
+    )
+    net.add_argument(
+        "--http-port",
+        type=int,
+        default=env("PAGODA_SCHEDULER_HTTP_PORT", 8001),
+        help="port of /health /ready /metrics, 0: any free port; "
+        "env PAGODA_SCHEDULER_HTTP_PORT (default: %(default)s)",
+    )
+    net.add_argument(
+        "--shared-secret",
+        default=None,
+        help="secret the workers must present, required when --host is beyond loopback; "
+        "unset: env PAGODA_SHARED_SECRET, else none",
+    )
+    _add_policy_arguments(parser.add_argument_group("scheduling"))
+    _add_liveness_arguments(parser.add_argument_group("liveness and shutdown"))
+    parser.add_argument(
+        "--log-level",
+        default=env("PAGODA_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="env PAGODA_LOG_LEVEL (default: %(default)s)",
+    )
+
+
+def _add_policy_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest sequence in tokens; unset: the model card's",
+    )
+    group.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
+    )
+    group.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="most sequences in one step (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help=f"token budget of one step; unset: max({DEFAULT_BATCHED_TOKENS}, --max-num-seqs), "
+        "as vLLM's API server",
+    )
+    group.add_argument(
+        "--policy",
+        choices=["fcfs", "priority"],
+        default="fcfs",
+        help="queue order; with priority a lower value runs first (default: %(default)s)",
+    )
+    group.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="turn prefix caching off (default: prefix caching %(default)s)",
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seeds the seeds drawn for requests that carry none; unset: from the OS",
+    )
+
+
+def _add_liveness_arguments(group: argparse._ArgumentGroup) -> None:
+    for flag, kind, default, what in (
+        ("--heartbeat-interval-ms", int, 1000, "how often workers beat"),
+        ("--heartbeat-timeout-ms", int, 5000, "silence after which a replica is dead"),
+        ("--step-timeout", float, 60.0, "seconds a step may run before its replica is dead"),
+        (
+            "--stall-timeout",
+            float,
+            30.0,
+            "seconds without a completed step, while work is pending on live replicas, "
+            "before gRPC health says NOT_SERVING",
+        ),
+        ("--drain-grace", float, 30.0, "seconds running requests get to finish after SIGTERM"),
+    ):
+        group.add_argument(flag, type=kind, default=default, help=f"{what} (default: %(default)s)")
+
+
+def build(args: argparse.Namespace) -> tuple[ModelCard, SchedulerConfig, ServiceSettings]:
+    """The card and both settings from parsed flags; ValueError/OSError say what is wrong."""
+    card = ModelCard.load(args.model)
+    max_len = args.max_model_len or card.max_model_len
+    if max_len > card.max_model_len:
+        raise ValueError(
+            f"--max-model-len {max_len} exceeds the model's maximum of {card.max_model_len}"
+        )
+    batched = args.max_num_batched_tokens or max(DEFAULT_BATCHED_TOKENS, args.max_num_seqs)
+    config = SchedulerConfig(
+        max_model_len=max_len,
+        block_size=args.block_size,
+        max_num_batched_tokens=batched,
+        max_num_seqs=args.max_num_seqs,
+        eos_token_ids=card.eos_token_ids,
+        vocab_size=card.vocab_size,
+        policy=args.policy,
+        enable_prefix_caching=args.prefix_caching,
+        seed=args.seed,
+    )
+    settings = ServiceSettings(
+        host=args.host,
+        grpc_port=args.grpc_port,
+        step_port=args.step_port,
+        http_port=args.http_port,
+        shared_secret=_shared_secret(args),
+        heartbeat_interval_ms=args.heartbeat_interval_ms,
+        heartbeat_timeout_ms=args.heartbeat_timeout_ms,
+        step_timeout_s=args.step_timeout,
+        stall_timeout_s=args.stall_timeout,
+        drain_grace_s=args.drain_grace,
+    )
+    return card, config, settings
+
+
+def _shared_secret(args: argparse.Namespace) -> str:
+    # Read here, not as the flag's default, so that no help text can ever print it.
+    if args.shared_secret is not None:
+        return args.shared_secret
+    return os.environ.get("PAGODA_SHARED_SECRET", "")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT, drain, and return the exit code."""
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    try:
+        card, config, settings = build(args)
+    except (OSError, ValueError) as exc:
+        print(f"pagoda scheduler: error: {exc}", file=sys.stderr)
+        return 2
+    return uvloop.run(_serve(card, config, settings))
+
+
+async def _serve(card: ModelCard, config: SchedulerConfig, settings: ServiceSettings) -> int:
+    service = SchedulerService(card, config, settings)
+    try:
+        addresses = await service.start()
+    except (OSError, RuntimeError, zmq.ZMQError) as exc:
+        log.error("cannot listen on %s: %s", settings.host, exc)
+        await service.close()
+        return 1
+    print(addresses.listening_line(), file=sys.stderr, flush=True)
+    log.info(
+        "serving %s (%s): max_model_len %d, block size %d, %s policy",
+        card.name, card.identity[:12], config.max_model_len, config.block_size, config.policy,
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    await service.serve()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pagoda scheduler",
+        description="The pagoda scheduler service.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
