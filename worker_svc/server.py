@@ -1,0 +1,300 @@
+"""``pagoda worker``: flags, thread count, model loading, then the worker service.
+
+The order matters: the torch thread count must be settled before torch is imported
+(several workers on one machine divide its cores), so this module and
+``worker_svc.service`` import torch only inside ``run``, after ``OMP_NUM_THREADS`` and
+``MKL_NUM_THREADS`` are set. The probe port opens before the weights load, so a
+Kubernetes liveness probe is answered during a long load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pagoda.default_model import default_model_path
+from pagoda.model_card import ModelCardError
+from worker_svc.model_card_writer import identity_of
+from worker_svc.service import ModelInfo, Runner, WorkerService, WorkerSettings
+
+log = logging.getLogger("pagoda.worker")
+
+DEFAULT_SCHEDULER = "127.0.0.1:50062"
+DEFAULT_HTTP_PORT = 8002
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
+    "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
+    "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def parse_bytes(text: str) -> int:
+    """``"2GiB"`` -> 2147483648; decimal (``GB``) and binary (``GiB``) units, any case."""
+    match = _SIZE.fullmatch(text)
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not match or unit is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size in bytes (e.g. 1073741824, 2GiB, 512MiB, 1.5GB)"
+        )
+    return int(float(match.group(1)) * unit)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, which a container narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """``max(1, cores // PAGODA_LOCAL_WORKERS)``: local workers divide the machine."""
+    try:
+        local = max(1, int(os.environ.get("PAGODA_LOCAL_WORKERS", "1")))
+    except ValueError:
+        local = 1
+    return max(1, cpu_cores() // local)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Unset:
+    """A flag's default decided at run time; its text says by what, in ``--help``.
+
+    Not a ``str``: argparse would run a string default through the flag's ``type``.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    __repr__ = __str__
+
+
+def given(value: Any) -> Any:
+    """A flag's value, or None where it was left to its run-time default."""
+    return None if isinstance(value, Unset) else value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``pagoda worker`` flags.
+
+    Every help ends in ``(default: %(default)s)``, so it shows the default under any
+    formatter and ``ArgumentDefaultsHelpFormatter`` adds nothing; the shared secret's
+    default is an ``Unset`` so that ``--help`` never prints it.
+    """
+    env = os.environ.get
+    add = parser.add_argument
+    add(
+        "--scheduler",
+        default=env("PAGODA_STEP_ADDR", DEFAULT_SCHEDULER),
+        metavar="HOST:PORT",
+        help="the scheduler's step address, which the worker dials "
+        "(env PAGODA_STEP_ADDR) (default: %(default)s)",
+    )
+    add(
+        "--model",
+        default=env("PAGODA_MODEL") or Unset("the default model, SmolLM2-135M-Instruct"),
+        help="a Hugging Face folder or a .gguf file (env PAGODA_MODEL) (default: %(default)s)",
+    )
+    add(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV-cache dtype; auto: the checkpoint's (float16 runs as bfloat16 on "
+        "a CPU, a GGUF file as bfloat16) (default: %(default)s)",
+    )
+    add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    add("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
+    add(
+        "--num-kv-blocks",
+        type=int,
+        default=Unset("as many as --kv-cache-memory holds"),
+        help="KV-cache blocks to allocate (default: %(default)s)",
+    )
+    add(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        default=Unset("1GiB on a CPU; on a GPU, 90% of its memory less the weights"),
+        metavar="BYTES",
+        help="KV-cache budget, e.g. 2GiB or 512MiB (default: %(default)s)",
+    )
+    add(
+        "--max-model-len",
+        type=int,
+        default=Unset("the model's context length"),
+        help="longest sequence in tokens (default: %(default)s)",
+    )
+    add(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="attention kernels; auto: triton on CUDA, torch elsewhere (default: %(default)s)",
+    )
+    add("--compile", action="store_true", help="torch.compile the model (default: %(default)s)")
+    add(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay decode steps from CUDA graphs, on CUDA with triton (default: %(default)s)",
+    )
+    add(
+        "--worker-id",
+        default=env("PAGODA_WORKER_ID") or default_worker_id(),
+        help="this worker's stable name, e.g. the pod name (env PAGODA_WORKER_ID) "
+        "(default: HOST-PID, here %(default)s)",
+    )
+    add(
+        "--shared-secret",
+        default=Unset("$PAGODA_SHARED_SECRET, else none"),
+        help="the deployment's shared secret, presented to the scheduler (default: %(default)s)",
+    )
+    add(
+        "--http-host",
+        default=env("PAGODA_WORKER_HTTP_HOST", "127.0.0.1"),
+        help="address of /health, /ready and /metrics (env PAGODA_WORKER_HTTP_HOST) "
+        "(default: %(default)s)",
+    )
+    add(
+        "--http-port",
+        type=int,
+        default=int(env("PAGODA_WORKER_HTTP_PORT", str(DEFAULT_HTTP_PORT))),
+        help="port of the probes, 0 for any free port (env PAGODA_WORKER_HTTP_PORT) "
+        "(default: %(default)s)",
+    )
+    add(
+        "--threads",
+        type=int,
+        default=default_threads(),
+        help="torch threads: cores // $PAGODA_LOCAL_WORKERS (default 1), at least 1 "
+        "(default: %(default)s here)",
+    )
+    add(
+        "--log-level",
+        default=env("PAGODA_LOG_LEVEL", "INFO").upper(),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="any case (env PAGODA_LOG_LEVEL) (default: %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the worker and block until it exits; returns the exit code."""
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    threads = max(1, args.threads)
+    # Before torch loads: OpenMP and MKL read these once, when they start.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    try:
+        model = Path(given(args.model) or default_model_path())
+        identity = identity_of(model)  # metadata only: a wrong path fails before the load
+    except (OSError, ModelCardError, ValueError) as exc:
+        log.error("worker %s: %s", args.worker_id, exc)
+        return 1
+    service = WorkerService(_settings(args))
+    previous = _on_signals(service.stop)
+    try:
+        return _start(service, args, model, identity, threads)
+    finally:
+        service.close()
+        _restore_signals(previous)
+
+
+def _start(
+    service: WorkerService, args: argparse.Namespace, model: Path, identity: str, threads: int
+) -> int:
+    try:
+        host, port = service.start_probes()
+    except OSError as exc:
+        log.error("worker %s cannot serve probes: %s", args.worker_id, exc)
+        return 1
+    log.info("worker %s http=%s:%d", args.worker_id, host, port)
+    loaded = _load(args, model, identity, threads)
+    if loaded is None:
+        return 1
+    return service.serve(*loaded)
+
+
+def _settings(args: argparse.Namespace) -> WorkerSettings:
+    return WorkerSettings(
+        scheduler=args.scheduler,
+        worker_id=args.worker_id,
+        shared_secret=given(args.shared_secret) or os.environ.get("PAGODA_SHARED_SECRET", ""),
+        http_host=args.http_host,
+        http_port=args.http_port,
+    )
+
+
+def _load(
+    args: argparse.Namespace, model: Path, identity: str, threads: int
+) -> tuple[Runner, ModelInfo] | None:
+    """Import torch (now that the thread count is set) and load the runner."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from worker_svc.model_runner import ModelRunner
+
+    try:
+        runner = ModelRunner(
+            model,
+            dtype=args.dtype,
+            device=args.device,
+            block_size=args.block_size,
+            num_kv_blocks=given(args.num_kv_blocks),
+            kv_cache_memory=given(args.kv_cache_memory),
+            max_model_len=given(args.max_model_len),
+            attention_backend=args.attention_backend,
+            compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
+            show_progress=sys.stderr.isatty(),
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.error("worker %s cannot load %s: %s", args.worker_id, model, exc)
+        return None
+    return runner, _model_info(runner, identity)
+
+
+def _model_info(runner: Any, identity: str) -> ModelInfo:
+    import torch
+
+    device = runner.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return ModelInfo(
+        identity=identity,
+        vocab_size=runner.vocab_size,
+        eos_token_ids=tuple(runner.eos_token_ids),
+        max_model_len=runner.max_model_len,
+        num_kv_blocks=runner.num_kv_blocks,
+        block_size=runner.block_size,
+        dtype=str(runner.dtype).removeprefix("torch."),
+        device=str(device),
+    )
+
+
+def _on_signals(stop: Callable[[], None]) -> dict[int, Any]:
+    """SIGTERM and SIGINT stop the service (Python allows handlers in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda *_: stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old)

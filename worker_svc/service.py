@@ -1,0 +1,532 @@
+"""The worker process's shell: ZeroMQ to the scheduler, a heartbeat thread, probes.
+
+The ``ModelRunner`` is the worker's core and decides every protocol question that
+concerns state (stale epochs, step gaps, unknown sequences). This shell only moves
+``WorkerMessage`` / ``SchedulerMessage`` bytes between the runner and the scheduler
+(docs/services.md, "The step protocol in motion"):
+
+- the main thread owns the ``<worker_id>/main`` DEALER: Hello, Welcome / Refusal /
+  Reset, plans in and results out, Drain on the way out;
+- a heartbeat thread owns a second DEALER, ``<worker_id>/hb`` (a ZeroMQ socket belongs
+  to one thread), so beats keep flowing while a long step holds the main thread (torch
+  releases the GIL inside its ops), and a silent scheduler is noticed even then;
+- a probe server answers ``/health``, ``/ready`` and ``/metrics`` from its own thread.
+
+The worker registers again (a new Hello) whenever the scheduler may have forgotten it:
+after a Reset, when heartbeat answers stop for the timeout, and when the main
+connection drops (a restarted scheduler may well answer heartbeats, so silence alone
+would not tell).
+
+Both DEALERs queue messages only to a live connection (``IMMEDIATE``): a result or a
+beat meant for a scheduler that died is worthless to the next one, and a pile of
+queued Hellos would make a restarted scheduler register the worker many times over.
+Torch-free, so the process can set its thread count before torch loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sized
+from dataclasses import dataclass
+from typing import Protocol
+
+import zmq
+from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from zmq.utils.monitor import recv_monitor_message
+
+from pagoda.probes import ProbeServer
+from pagoda.v1 import PROTOCOL_VERSION, step_pb2
+
+log = logging.getLogger("pagoda.worker")
+
+StepError = step_pb2.StepError
+
+# How long a Hello that could not be sent (no connection yet) waits before the next try.
+HELLO_RESEND_S = 0.2
+# A main loop that has not come round for this long while idle is stuck (it polls every
+# POLL_S); a step may run much longer, up to STEP_HANG_S, before liveness gives up on it
+# (the scheduler's own step timeout declares the replica dead long before that).
+POLL_S = 0.1
+LOOP_STALL_S = 30.0
+STEP_HANG_S = 600.0
+# Transport-level keepalive of both DEALERs (see _dealer).
+ZMTP_PING_MS = 2000
+ZMTP_TIMEOUT_MS = 6000
+
+
+class Runner(Protocol):
+    """What the shell needs of the core (``worker_svc.model_runner.ModelRunner``)."""
+
+    seqs: Sized
+
+    def execute(self, plan: step_pb2.StepPlan) -> step_pb2.StepResult: ...
+
+    def reset(self, replica_id: int, epoch: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the worker holds, as its Hello reports it to the scheduler."""
+
+    identity: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int
+    dtype: str
+    device: str
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The transport's settings; the server fills them from flags and the environment."""
+
+    scheduler: str  # "HOST:PORT" (or a full "tcp://..." endpoint) of the step ROUTER
+    worker_id: str
+    shared_secret: str = ""
+    http_host: str = "127.0.0.1"
+    http_port: int = 8002
+    # Used until a Welcome's config says otherwise.
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0
+    # After a non-fatal Refusal, Hello again after this long, doubling up to the maximum.
+    hello_backoff_s: float = 0.5
+    hello_backoff_max_s: float = 10.0
+    # How long closing a socket may wait to deliver what is queued (the Drain).
+    linger_ms: int = 1000
+
+
+def endpoint(address: str) -> str:
+    """``HOST:PORT`` -> ``tcp://HOST:PORT``; a full ZeroMQ endpoint is kept as is."""
+    return address if "://" in address else f"tcp://{address}"
+
+
+@dataclass
+class _Link:
+    """The registration, shared between the main thread (writer) and the heartbeat thread."""
+
+    replica_id: int = 0
+    epoch: int = 0
+    last_step: int = 0
+    interval_s: float = 1.0
+    timeout_s: float = 10.0
+
+
+class WorkerMetrics:
+    """The worker's Prometheus metrics, in a registry of its own (one per service)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.steps = Counter("pagoda_worker_steps", "Plans computed.", registry=r)
+        self.step_errors = Counter(
+            "pagoda_worker_step_errors",
+            "Plans refused or failed, by StepError kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "pagoda_worker_step_seconds",
+            "Compute time of one step (the result's compute_seconds).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.running_sequences = Gauge(
+            "pagoda_worker_running_sequences", "Sequences whose state the worker holds.", registry=r
+        )
+        self.kv_blocks = Gauge("pagoda_worker_kv_blocks", "KV-cache blocks held.", registry=r)
+        self.registered = Gauge(
+            "pagoda_worker_registered", "1 while the worker holds a Welcome.", registry=r
+        )
+        self.step_running = Gauge(
+            "pagoda_worker_step_running", "1 while a step is being computed.", registry=r
+        )
+        self.tokens = Counter("pagoda_worker_tokens", "Tokens sampled.", registry=r)
+
+
+class _Heartbeat(threading.Thread):
+    """Beats on a socket of its own and tells the main loop when the scheduler falls silent.
+
+    Silence (no answer for the timeout) sets ``silence``; the main loop then registers
+    again, since a scheduler that restarted has forgotten this worker. The timer starts
+    over after each alarm, so a scheduler that stays away is asked once per timeout.
+    """
+
+    def __init__(self, ctx: zmq.Context, address: str, identity: str, link: _Link, worker_id: str):
+        super().__init__(name="heartbeat", daemon=True)
+        self._ctx, self._address, self._identity = ctx, address, identity
+        self._link, self._worker_id = link, worker_id
+        self.silence = threading.Event()
+        self._halt = threading.Event()  # not _stop: threading.Thread has a method of that name
+        self.last_tick = time.monotonic()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        sock = _dealer(self._ctx, self._address, self._identity)
+        try:
+            self._beat(sock)
+        finally:
+            sock.close(linger=0)
+
+    def _beat(self, sock: zmq.Socket) -> None:
+        """Beat every interval (a new interval from a Welcome applies to the next beat);
+        a beat that finds no connection is retried soon, not an interval later."""
+        link = self._link
+        last_answer = time.monotonic()
+        last_sent, retry_at = float("-inf"), 0.0
+        while not self._halt.is_set():
+            now = self.last_tick = time.monotonic()
+            if now >= max(last_sent + link.interval_s, retry_at):
+                if self._send(sock):
+                    last_sent = now
+                else:
+                    retry_at = now + POLL_S
+            if now - last_answer > link.timeout_s:
+                self.silence.set()
+                last_answer = now
+            next_beat = max(last_sent + link.interval_s, retry_at)
+            wait = min(max(next_beat - now, 0.0), POLL_S)
+            if sock.poll(wait * 1000) and self._drain_answers(sock):
+                last_answer = time.monotonic()
+
+    def _send(self, sock: zmq.Socket) -> bool:
+        link = self._link
+        beat = step_pb2.Heartbeat(
+            worker_id=self._worker_id,
+            replica_id=link.replica_id,
+            epoch=link.epoch,
+            last_step=link.last_step,
+        )
+        try:
+            sock.send(step_pb2.WorkerMessage(heartbeat=beat).SerializeToString(), zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # not connected yet, or no longer
+            return False
+
+    def _drain_answers(self, sock: zmq.Socket) -> bool:
+        """Read everything waiting; True when a heartbeat answer was among it."""
+        answered = False
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return answered
+            msg = _parse(frames)
+            answered |= msg is not None and msg.WhichOneof("kind") == "heartbeat"
+
+
+class WorkerService:
+    """One worker process's transport around a runner; ``serve`` blocks until it ends.
+
+    Build it first (metrics, probes: ``/health`` answers while the weights load), then
+    ``serve(runner, info)`` once the runner exists. ``stop()`` may be called from any
+    thread or a signal handler: the step in hand finishes, then the worker drains.
+    """
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.metrics = WorkerMetrics()
+        self._stop = threading.Event()
+        self._link = _Link(
+            interval_s=settings.heartbeat_interval_s, timeout_s=settings.heartbeat_timeout_s
+        )
+        self._registered = False
+        self._serving = False
+        self._main_tick = time.monotonic()
+        self._step_since: float | None = None
+        self._heartbeat: _Heartbeat | None = None
+        self._probes: ProbeServer | None = None
+        self._hello_due: float | None = None
+        self._backoff_s = settings.hello_backoff_s
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start_probes(self) -> tuple[str, int]:
+        """Serve the probes; returns the (host, port) bound (port 0 picks a free one)."""
+        s = self.settings
+        self._probes = ProbeServer(
+            s.http_host, s.http_port, health=self.healthy, ready=self.ready,
+            registry=self.metrics.registry,
+        ).start()  # fmt: skip
+        return s.http_host, self._probes.port
+
+    def stop(self) -> None:
+        """Ask the worker to finish its step, drain and exit (signal-safe: sets a flag)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._probes is not None:
+            self._probes.stop()
+            self._probes = None
+
+    def serve(self, runner: Runner, info: ModelInfo) -> int:
+        """Register and run plans until stopped (0) or refused for good (1)."""
+        s = self.settings
+        self.metrics.kv_blocks.set(info.num_kv_blocks)
+        ctx = zmq.Context()
+        address = endpoint(s.scheduler)
+        sock = _dealer(ctx, address, f"{s.worker_id}/main")
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._heartbeat = _Heartbeat(ctx, address, f"{s.worker_id}/hb", self._link, s.worker_id)
+        self._heartbeat.start()
+        self._serving = True
+        try:
+            code = self._loop(sock, monitor, runner, info)
+            if code == 0:
+                self._drain(sock)
+            return code
+        finally:
+            self._serving = False
+            self._heartbeat.stop()
+            self._heartbeat.join(timeout=2)
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=s.linger_ms)
+            ctx.term()
+            self.close()
+
+    # -- probes --------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """Both loops come round (a step in hand counts as progress until STEP_HANG_S)."""
+        if not self._serving:
+            return True  # loading the weights, or shutting down
+        now = time.monotonic()
+        step_since = self._step_since
+        if step_since is not None:
+            main_ok = now - step_since < STEP_HANG_S
+        else:
+            main_ok = now - self._main_tick < LOOP_STALL_S
+        hb = self._heartbeat
+        return main_ok and hb is not None and now - hb.last_tick < LOOP_STALL_S
+
+    def ready(self) -> bool:
+        return self._registered and not self._stop.is_set()
+
+    # -- the main loop -------------------------------------------------------------------
+
+    def _loop(self, sock: zmq.Socket, monitor: zmq.Socket, runner: Runner, info: ModelInfo) -> int:
+        self._hello_due = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        while not self._stop.is_set():
+            now = self._main_tick = time.monotonic()
+            self._check_silence(runner, now)
+            if self._hello_due is not None and now >= self._hello_due:
+                self._send_hello(sock, info)
+            events = dict(poller.poll(POLL_S * 1000))
+            if monitor in events:
+                self._check_connection(monitor, runner)
+            if sock not in events:
+                continue
+            msg = _parse(sock.recv_multipart())
+            if msg is not None:
+                code = self._handle(msg, sock, runner)
+                if code is not None:
+                    return code
+        return 0
+
+    def _check_silence(self, runner: Runner, now: float) -> None:
+        """The heartbeat thread heard no answer for the timeout: the scheduler may be a new
+        one that never heard of this worker (or answers nothing), so register again."""
+        assert self._heartbeat is not None
+        if self._heartbeat.silence.is_set():
+            self._heartbeat.silence.clear()
+            log.warning(
+                "worker %s heard no heartbeat answer for %.1fs: saying hello again",
+                self.settings.worker_id, self._link.timeout_s,
+            )  # fmt: skip
+            self._unregister(runner, hello_at=now)
+
+    def _check_connection(self, monitor: zmq.Socket, runner: Runner) -> None:
+        """A dropped connection: a restarted scheduler knows nothing of this worker (even if
+        it answers heartbeats), so Hello again as soon as the DEALER has reconnected."""
+        dropped = False
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            dropped |= event["event"] == zmq.EVENT_DISCONNECTED
+        if dropped:
+            log.warning(
+                "worker %s lost its connection to the scheduler: saying hello again",
+                self.settings.worker_id,
+            )
+            self._unregister(runner, hello_at=time.monotonic())
+
+    def _handle(
+        self, msg: step_pb2.SchedulerMessage, sock: zmq.Socket, runner: Runner
+    ) -> int | None:
+        kind = msg.WhichOneof("kind")
+        if kind == "plan":
+            self._send(sock, step_pb2.WorkerMessage(result=self._step(runner, msg.plan)))
+        elif kind == "welcome":
+            self._welcome(runner, msg.welcome)
+        elif kind == "refusal":
+            return self._refused(msg.refusal)
+        elif kind == "reset":
+            log.info(
+                "worker %s reset by the scheduler: %s", self.settings.worker_id, msg.reset.reason
+            )
+            self._unregister(runner, hello_at=time.monotonic())
+        elif kind != "heartbeat":  # answers belong to the heartbeat socket; ignore strays
+            log.warning("worker %s ignores a message of kind %r", self.settings.worker_id, kind)
+        return None
+
+    def _step(self, runner: Runner, plan: step_pb2.StepPlan) -> step_pb2.StepResult:
+        """Run one plan; an exception becomes an EXECUTION_FAILED result, never a dead worker."""
+        m = self.metrics
+        start = self._step_since = time.monotonic()
+        m.step_running.set(1)
+        try:
+            result = runner.execute(plan)
+        except Exception as exc:
+            log.exception("worker %s: step %d failed", self.settings.worker_id, plan.step)
+            result = _failed(plan, exc, time.monotonic() - start)
+        finally:
+            self._step_since = None
+            m.step_running.set(0)
+        m.running_sequences.set(len(runner.seqs))
+        if result.error.kind:
+            m.step_errors.labels(StepError.Kind.Name(result.error.kind)).inc()
+            log.warning(
+                "worker %s: step %d not run: %s %s", self.settings.worker_id, plan.step,
+                StepError.Kind.Name(result.error.kind), result.error.detail,
+            )  # fmt: skip
+        else:
+            self._link.last_step = plan.step
+            m.steps.inc()
+            m.step_seconds.observe(result.compute_seconds)
+            m.tokens.inc(len(result.token_ids))
+        return result
+
+    # -- membership ----------------------------------------------------------------------
+
+    def _send_hello(self, sock: zmq.Socket, info: ModelInfo) -> None:
+        s = self.settings
+        hello = step_pb2.Hello(
+            protocol_version=PROTOCOL_VERSION,
+            worker_id=s.worker_id,
+            model_identity=info.identity,
+            vocab_size=info.vocab_size,
+            eos_token_ids=info.eos_token_ids,
+            max_model_len=info.max_model_len,
+            tp_rank=0,
+            tp_size=1,
+            num_kv_blocks=info.num_kv_blocks,
+            block_size=info.block_size,
+            dtype=info.dtype,
+            device=info.device,
+            shared_secret=s.shared_secret,
+        )
+        if self._send(sock, step_pb2.WorkerMessage(hello=hello), quiet=True):
+            self._hello_due = None
+            log.info("worker %s sent hello to %s", s.worker_id, endpoint(s.scheduler))
+        else:
+            self._hello_due = time.monotonic() + HELLO_RESEND_S
+
+    def _welcome(self, runner: Runner, welcome: step_pb2.Welcome) -> None:
+        s, link, cfg = self.settings, self._link, welcome.config
+        runner.reset(welcome.replica_id, welcome.epoch)
+        link.replica_id, link.epoch, link.last_step = welcome.replica_id, welcome.epoch, 0
+        if cfg.heartbeat_interval_ms:
+            link.interval_s = cfg.heartbeat_interval_ms / 1000
+        if cfg.heartbeat_timeout_ms:
+            link.timeout_s = cfg.heartbeat_timeout_ms / 1000
+        self._registered, self._hello_due, self._backoff_s = True, None, s.hello_backoff_s
+        self.metrics.registered.set(1)
+        self.metrics.running_sequences.set(0)
+        host, port = s.http_host, self._probes.port if self._probes else s.http_port
+        log.info(
+            "worker %s registered replica=%d epoch=%d http=%s:%d",
+            s.worker_id, welcome.replica_id, welcome.epoch, host, port,
+        )  # fmt: skip
+
+    def _refused(self, refusal: step_pb2.Refusal) -> int | None:
+        s = self.settings
+        if refusal.fatal:
+            log.error("worker %s refused by the scheduler: %s", s.worker_id, refusal.reason)
+            return 1
+        log.warning(
+            "worker %s refused by the scheduler: %s (hello again in %.1fs)",
+            s.worker_id, refusal.reason, self._backoff_s,
+        )  # fmt: skip
+        self._hello_due = time.monotonic() + self._backoff_s
+        self._backoff_s = min(2 * self._backoff_s, s.hello_backoff_max_s)
+        return None
+
+    def _unregister(self, runner: Runner, *, hello_at: float) -> None:
+        """Forget the replica (epoch 0 matches no plan) and Hello again at ``hello_at``."""
+        runner.reset(0, 0)
+        link = self._link
+        link.replica_id, link.epoch, link.last_step = 0, 0, 0
+        self._registered = False
+        self.metrics.registered.set(0)
+        self.metrics.running_sequences.set(0)
+        self._hello_due = hello_at
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        s = self.settings
+        drain = step_pb2.Drain(worker_id=s.worker_id, grace_ms=0)
+        sent = self._send(sock, step_pb2.WorkerMessage(drain=drain), quiet=True)
+        self._registered = False
+        self.metrics.registered.set(0)
+        log.info("worker %s draining%s", s.worker_id, "" if sent else " (scheduler unreachable)")
+
+    def _send(self, sock: zmq.Socket, msg: step_pb2.WorkerMessage, *, quiet: bool = False) -> bool:
+        """Send without blocking; False when no scheduler is connected (nothing is queued)."""
+        try:
+            sock.send(msg.SerializeToString(), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            if not quiet:
+                log.warning(
+                    "worker %s: no scheduler connected, %s dropped",
+                    self.settings.worker_id, msg.WhichOneof("kind"),
+                )  # fmt: skip
+            return False
+
+
+def _dealer(ctx: zmq.Context, address: str, identity: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.LINGER, 0)
+    # ZMTP pings notice a peer that vanished without closing its connection (a dead host);
+    # the libzmq I/O thread answers them, so a long step in this process never trips them.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_PING_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
+    if address.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+    sock.connect(address)
+    return sock
+
+
+def _failed(plan: step_pb2.StepPlan, exc: Exception, seconds: float) -> step_pb2.StepResult:
+    detail = f"{type(exc).__name__}: {exc}"
+    return step_pb2.StepResult(
+        replica_id=plan.replica_id,
+        epoch=plan.epoch,
+        step=plan.step,
+        error=StepError(kind=StepError.EXECUTION_FAILED, detail=detail),
+        compute_seconds=seconds,
+    )
+
+
+def _parse(frames: list[bytes]) -> step_pb2.SchedulerMessage | None:
+    """The message in the last frame (a ROUTER may put an empty delimiter before it)."""
+    msg = step_pb2.SchedulerMessage()
+    try:
+        msg.ParseFromString(frames[-1])
+    except DecodeError as exc:
+        log.warning("dropping an undecodable message from the scheduler: %s", exc)
+        return None
+    return msg
