@@ -20,7 +20,7 @@ assert not heavy, heavy
         "pagoda.v1, pagoda.v1.step_pb2, pagoda.v1.session_pb2, pagoda.v1.api_pb2",
         "pagoda.sampling_params, pagoda.cli",
         "scheduler_svc.scheduler, scheduler_svc.block_manager",
-        "gateway",
+        "gateway, gateway.server, gateway.__main__",
     ],
 )
 def test_shared_modules_and_the_scheduler_core_never_load_torch(modules):

@@ -1,0 +1,274 @@
+"""What the REST and the gRPC API share: the model, tokenization, validation, and
+submitting requests on the session.
+
+Both APIs turn their request into (prompt token ids, ``SamplingParams``) through the
+helpers here, so a prompt is checked the same way whichever door it came through, and
+sampling parameters are validated by ``SamplingParams`` alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import errors
+from gateway.metrics import Metrics
+from gateway.requests import ActiveRequest, RequestGroup, RequestTable
+from gateway.session import SessionClient
+from pagoda.model_card import ModelCard
+from pagoda.sampling_params import SamplingParams
+from pagoda.text import Tokenizer
+from pagoda.v1 import common_pb2, session_pb2
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready to submit: its token ids, and its text when it came as text."""
+
+    token_ids: list[int]
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """Per-request fields of ``Submit`` besides the prompt and the sampling."""
+
+    priority: int = 0
+    cache_salt: str = ""
+    lora_id: str = ""
+    # Carried to the worker as the contract reserves it; not enforced yet.
+    structured_output: common_pb2.StructuredOutput | None = None
+
+
+class Gateway:
+    """The model, the tokenizer, the session and the requests in flight."""
+
+    def __init__(
+        self,
+        card: ModelCard,
+        tokenizer: Tokenizer,
+        served_model_name: str,
+        session: SessionClient | None = None,
+    ) -> None:
+        self.card = card
+        self.tokenizer = tokenizer
+        self.model_name = served_model_name
+        self.metrics = Metrics(served_model_name)
+        self.table = RequestTable(self.metrics)
+        self.metrics.track_running(lambda: len(self.table))
+        self.session: SessionClient | None = session
+        self.draining = False
+        self.started = int(time.time())
+        self._token_texts: dict[int, str] = {}
+
+    # -- the session -------------------------------------------------------------------
+
+    def attach_session(self, session: SessionClient) -> None:
+        self.session = session
+
+    def on_session_state(self, up: bool) -> None:
+        """The session opened (``up``) or broke; a break fails every request in flight."""
+        self.metrics.session_up.set(1 if up else 0)
+        if up:
+            self.table.attach(self._send)
+        else:
+            self.table.attach(None)
+            self.table.fail_all(errors.session_lost())
+
+    @property
+    def connected(self) -> bool:
+        return self.session is not None and self.session.connected
+
+    def ready(self) -> bool:
+        """Takes requests: a session is open and the gateway is not draining."""
+        return self.connected and not self.draining
+
+    def _send(self, message: session_pb2.GatewayMessage) -> None:
+        if self.session is None:
+            raise errors.no_session()
+        self.session.send(message)
+
+    # -- the model ---------------------------------------------------------------------
+
+    @property
+    def model_info(self) -> common_pb2.ModelInfo:
+        """The served model as clients see it: the scheduler's view when a session is
+        open (its max_model_len is authoritative), under this gateway's served name."""
+        info = common_pb2.ModelInfo()
+        if self.session is not None and self.session.model is not None:
+            info.CopyFrom(self.session.model)
+        else:
+            info.CopyFrom(self.card.to_proto())
+        info.name = self.model_name
+        return info
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model_info.max_model_len or self.card.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_info.vocab_size or self.card.vocab_size
+
+    def check_model(self, model: str | None) -> None:
+        """An empty or missing model means the served one; any other name is 404."""
+        if model and model != self.model_name:
+            raise errors.model_not_found(model, self.model_name)
+
+    # -- prompts -----------------------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        """A token's own text, as logprobs show it (vLLM decodes each token alone)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if len(self._token_texts) < 1_000_000:
+                self._token_texts[token_id] = text
+        return text
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def text_prompt(
+        self, text: str, add_special_tokens: bool = True, param: str = "prompt"
+    ) -> Prompt:
+        if not text:
+            raise errors.invalid("the prompt must not be empty", param)
+        return self.check_prompt(Prompt(self.encode(text, add_special_tokens), text), param)
+
+    def token_prompt(self, ids: Sequence[int], param: str = "prompt") -> Prompt:
+        return self.check_prompt(Prompt([int(t) for t in ids]), param)
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The conversation rendered by the card's chat template; errors are 400."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages),
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                chat_template=self.card.chat_template(),
+                **dict(template_kwargs or {}),
+            )
+        except (ValueError, TypeError) as exc:
+            raise errors.invalid(str(exc), "messages") from None
+
+    def chat_prompt(self, text: str, add_special_tokens: bool = False) -> Prompt:
+        """A rendered conversation; the template wrote its special tokens already."""
+        ids = self.encode(text, add_special_tokens)
+        return self.check_prompt(Prompt(ids, text), "messages")
+
+    def check_prompt(self, prompt: Prompt, param: str = "prompt") -> Prompt:
+        ids = prompt.token_ids
+        if not ids:
+            raise errors.invalid("the prompt must hold at least one token", param)
+        vocab = self.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = next(t for t in ids if t < 0 or t >= vocab)
+            raise errors.invalid(
+                f"token id {bad} is out of range: the vocabulary has {vocab} tokens", param
+            )
+        limit = self.max_model_len
+        if len(ids) > limit:
+            raise errors.invalid(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"has {len(ids)} tokens. Please reduce the length of the prompt.",
+                param,
+            )
+        return prompt
+
+    def sampling_params(self, **kwargs: Any) -> SamplingParams:
+        """``SamplingParams`` validation, its ``ValueError`` turned into a 400 that names
+        the parameter; logit_bias token ids are checked against the vocabulary."""
+        try:
+            params = SamplingParams(**kwargs)
+        except (ValueError, TypeError) as exc:
+            message = str(exc)
+            raise errors.invalid(message, _param_of(message, kwargs)) from None
+        self.check_logit_bias(params)
+        return params
+
+    def check_logit_bias(self, params: SamplingParams) -> None:
+        """Token ids in logit_bias must exist (SamplingParams does not know the vocab)."""
+        vocab = self.vocab_size
+        for token in params.logit_bias:
+            if token >= vocab:
+                raise errors.invalid(
+                    f"logit_bias token id {token} is out of range: the vocabulary has {vocab}",
+                    "logit_bias",
+                )
+
+    # -- requests ----------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        options: SubmitOptions = SubmitOptions(),
+    ) -> RequestGroup:
+        """Queue one request per prompt at the scheduler; 503 at once without a session."""
+        if self.draining:
+            raise errors.draining()
+        if not self.connected:
+            raise errors.no_session()
+        wake = asyncio.Event()
+        wire_params = params.to_proto()
+        group = RequestGroup([], wake)
+        try:
+            for prompt in prompts:
+                request_id = uuid.uuid4().hex
+                request = ActiveRequest.create(
+                    request_id, prompt.token_ids, params, self.tokenizer, wake
+                )
+                self.table.add(request)
+                group.requests.append(request)
+                self._send(
+                    session_pb2.GatewayMessage(
+                        submit=session_pb2.Submit(
+                            request_id=request_id,
+                            prompt_token_ids=prompt.token_ids,
+                            sampling=wire_params,
+                            priority=options.priority,
+                            cache_salt=options.cache_salt,
+                            lora_id=options.lora_id,
+                            structured_output=options.structured_output,
+                        )
+                    )
+                )
+        except BaseException:
+            self.release(group)
+            raise
+        return group
+
+    def release(self, group: RequestGroup) -> None:
+        """The caller is done with ``group``: abort whatever is still running."""
+        for request in group.requests:
+            if not request.over:
+                self.table.abort(request)
+
+
+# Words that begin SamplingParams' messages but name no request field.
+_PARAM_ALIASES = {"stop_token_ids entry": "stop_token_ids", "logit_bias": "logit_bias"}
+
+
+def _param_of(message: str, kwargs: Mapping[str, Any]) -> str | None:
+    """The parameter a SamplingParams message is about: it starts with the field name."""
+    for prefix, param in _PARAM_ALIASES.items():
+        if message.startswith(prefix):
+            return param
+    word = message.split(" ", 1)[0].strip("():,")
+    if word in kwargs:
+        return word
+    return None

@@ -1,0 +1,137 @@
+"""The gateway's Prometheus metrics, under vLLM's names where vLLM has one.
+
+Inference gateways and dashboards built for vLLM read ``vllm:*`` series, so request
+outcomes, token counts and latencies use vLLM's names, label (``model_name``) and
+histogram buckets; what only pagoda has is ``pagoda_gateway_*``. Each gateway object
+owns its registry, so several can live in one process (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from gateway.requests import ActiveRequest
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py).
+_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+_TPOT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)  # fmt: skip
+_E2E_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Counters and histograms of one gateway; ``render()`` is the /metrics body."""
+
+    def __init__(self, model_name: str) -> None:
+        disable_created_metrics()  # no *_created series, as vLLM
+        self.registry = CollectorRegistry()
+        self._model = model_name
+        reg = self.registry
+        self._success = Counter(
+            "vllm:request_success",
+            "Sequences that finished, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=reg,
+        )
+        self._prompt_tokens = Counter(
+            "vllm:prompt_tokens",
+            "Prompt tokens of finished requests.",
+            ["model_name"],
+            registry=reg,
+        )
+        self._generation_tokens = Counter(
+            "vllm:generation_tokens",
+            "Tokens generated for finished requests.",
+            ["model_name"],
+            registry=reg,
+        )
+        self._ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Seconds from arrival at the gateway to the first generated token.",
+            ["model_name"],
+            buckets=_TTFT_BUCKETS,
+            registry=reg,
+        )
+        self._tpot = Histogram(
+            "vllm:time_per_output_token_seconds",
+            "Mean seconds between output tokens of a request, after the first.",
+            ["model_name"],
+            buckets=_TPOT_BUCKETS,
+            registry=reg,
+        )
+        self._e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Seconds from arrival at the gateway to the request's last token.",
+            ["model_name"],
+            buckets=_E2E_BUCKETS,
+            registry=reg,
+        )
+        self.running = Gauge(
+            "vllm:num_requests_running",
+            "Requests in flight through this gateway (queued or running at the scheduler).",
+            ["model_name"],
+            registry=reg,
+        )
+        self.session_up = Gauge(
+            "pagoda_gateway_session_up",
+            "1 while the session to the scheduler is open.",
+            registry=reg,
+        )
+        self._requests = Counter(
+            "pagoda_gateway_requests",
+            "API requests answered, by API (rest, grpc) and status (HTTP code or gRPC code).",
+            ["api", "status"],
+            registry=reg,
+        )
+        self._aborted = Counter(
+            "pagoda_gateway_requests_aborted",
+            "Requests aborted at the scheduler because their client went away.",
+            registry=reg,
+        )
+
+    def track_running(self, count: Callable[[], float]) -> None:
+        """Read the number of requests in flight at scrape time."""
+        self.running.labels(self._model).set_function(count)
+
+    def request_finished(self, request: ActiveRequest, now: float) -> None:
+        model = self._model
+        for sample in request.samples:
+            self._success.labels(model, sample.finish_reason or "abort").inc()
+        self._prompt_tokens.labels(model).inc(len(request.prompt_token_ids))
+        self._generation_tokens.labels(model).inc(request.completion_tokens)
+        self._e2e.labels(model).observe(now - request.arrival)
+        first, last = request.first_token_at, request.last_token_at
+        if first is None or last is None:
+            return
+        self._ttft.labels(model).observe(first - request.arrival)
+        longest = max(len(s.token_ids) for s in request.samples)
+        if longest > 1:
+            self._tpot.labels(model).observe((last - first) / (longest - 1))
+
+    def request_aborted(self) -> None:
+        self._aborted.inc()
+
+    def answered(self, api: str, status: str) -> None:
+        self._requests.labels(api, status).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,248 @@
+"""The gateway's requests in flight, and the fan-out of each step's outputs to them.
+
+One session carries every request of this gateway, and the scheduler sends one
+``StepOutputs`` per step for all of them. ``RequestTable.on_outputs`` applies such a
+message: each token goes through its sample's text pipeline (detokenizer, stop
+strings; ``pagoda.text.SampleStream``), a sample that completes a stop string is
+finished at the scheduler (its siblings go on), and every request that advanced is
+woken once — through an ``asyncio.Event`` that its API handler waits on, so a slow
+client coalesces several steps into one read instead of growing a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from gateway import errors
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from pagoda.sampling_params import SamplingParams
+from pagoda.text import SampleDelta, SampleStream, Tokenizer
+from pagoda.text.sample_stream import FINISH_REASONS
+from pagoda.v1 import common_pb2, session_pb2
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[session_pb2.GatewayMessage], None]
+
+
+@dataclass(eq=False)
+class ActiveRequest:
+    """One prompt and its n samples, from submit until every sample has ended."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[SampleStream]
+    wake: asyncio.Event
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    error: GatewayError | None = None
+    # Which sample's prompt logprobs are kept (each sequence may compute them).
+    _prompt_logprobs_index: int | None = None
+
+    @classmethod
+    def create(
+        cls,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        wake: asyncio.Event,
+    ) -> ActiveRequest:
+        samples = [
+            SampleStream.start(i, tokenizer, prompt_token_ids, params) for i in range(params.n)
+        ]
+        return cls(request_id, prompt_token_ids, params, samples, wake)
+
+    @property
+    def done(self) -> bool:
+        return all(s.finished for s in self.samples)
+
+    @property
+    def over(self) -> bool:
+        """Nothing more will happen to it: finished or failed."""
+        return self.error is not None or self.done
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.samples)
+
+    def take_deltas(self) -> list[SampleDelta]:
+        """What each sample added since the last call, in sample order."""
+        return [d for s in self.samples if (d := s.take_delta()) is not None]
+
+    def add_prompt_logprobs(self, index: int, entries: list[common_pb2.TokenLogprobs]) -> None:
+        if self._prompt_logprobs_index is None:
+            self._prompt_logprobs_index = index
+        if index == self._prompt_logprobs_index:
+            self.prompt_logprobs.extend(entries)
+
+    def fail(self, error: GatewayError) -> None:
+        if not self.over:
+            self.error = error
+            self.wake.set()
+
+
+@dataclass(eq=False)
+class RequestGroup:
+    """The requests of one API call (one per prompt), woken by one shared event."""
+
+    requests: list[ActiveRequest]
+    wake: asyncio.Event
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.requests)
+
+    def _raise_error(self) -> None:
+        for r in self.requests:
+            if r.error is not None:
+                raise r.error
+
+    async def deltas(self) -> AsyncIterator[list[tuple[int, SampleDelta]]]:
+        """Yields (request position, delta) lists as samples advance; ends when all have
+        finished, raises the ``GatewayError`` of a request that failed."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            self._raise_error()
+            batch = [(i, d) for i, r in enumerate(self.requests) for d in r.take_deltas()]
+            if batch:
+                yield batch
+            if self.done:
+                return
+
+    async def wait(self) -> None:
+        """Until every sample has finished; raises the error of a request that failed."""
+        while True:
+            self._raise_error()
+            if self.done:
+                return
+            await self.wake.wait()
+            self.wake.clear()
+
+
+class RequestTable:
+    """Requests in flight on the session, by request id."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._active: dict[str, ActiveRequest] = {}
+        self._metrics = metrics
+        self._send: Send | None = None
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def attach(self, send: Send | None) -> None:
+        """Where finish and abort messages go (None while no session is open)."""
+        self._send = send
+
+    def add(self, request: ActiveRequest) -> None:
+        if request.request_id in self._active:
+            raise errors.invalid(f"request id {request.request_id!r} is already in use")
+        self._active[request.request_id] = request
+
+    def abort(self, request: ActiveRequest) -> None:
+        """The client went away: end the request at the scheduler, at once."""
+        if self._active.pop(request.request_id, None) is None:
+            return
+        self._metrics.request_aborted()
+        self._send_quietly(
+            session_pb2.GatewayMessage(abort=session_pb2.Abort(request_id=request.request_id))
+        )
+
+    def fail_all(self, error: GatewayError) -> None:
+        """The session broke: every request in flight ends with ``error``."""
+        active, self._active = self._active, {}
+        for request in active.values():
+            request.fail(error)
+
+    def on_update(self, update: session_pb2.SchedulerUpdate) -> None:
+        kind = update.WhichOneof("kind")
+        if kind == "outputs":
+            self.on_outputs(update.outputs)
+        elif kind == "rejected":
+            self.on_rejected(update.rejected)
+
+    def on_rejected(self, rejected: session_pb2.Rejected) -> None:
+        request = self._active.pop(rejected.request_id, None)
+        if request is not None:
+            request.fail(errors.from_rejection(rejected))
+
+    def on_outputs(self, outputs: session_pb2.StepOutputs) -> None:
+        """Apply one step: tokens, logprobs, then finished records; wake each request once."""
+        now = time.monotonic()
+        touched: dict[str, ActiveRequest] = {}
+        active = self._active
+        for rid, index, token in zip(
+            outputs.request_ids, outputs.indices, outputs.token_ids, strict=True
+        ):
+            request = active.get(rid)
+            if request is None or index >= len(request.samples):
+                continue  # aborted, failed or finished here: late tokens are dropped
+            touched[rid] = request
+            if request.first_token_at is None:
+                request.first_token_at = now
+            request.last_token_at = now
+            sample = request.samples[index]
+            stop = sample.add_token(token)
+            if stop is not None:
+                sample.finish("stop", stop)
+                self._finish_at_scheduler(rid, index)
+        for delta in outputs.logprobs:
+            request = active.get(delta.request_id)
+            if request is None or delta.index >= len(request.samples):
+                continue
+            touched[delta.request_id] = request
+            if delta.prompt:
+                request.add_prompt_logprobs(delta.index, list(delta.prompt))
+            request.samples[delta.index].add_logprobs(delta.tokens)
+        for fin in outputs.finished:
+            request = active.get(fin.request_id)
+            if request is None or fin.index >= len(request.samples):
+                continue
+            touched[fin.request_id] = request
+            self._apply_finished(request, fin)
+        for rid, request in touched.items():
+            if request.done:
+                del active[rid]
+                self._metrics.request_finished(request, now)
+            elif request.error is not None:  # a sequence failed: end its siblings too
+                self.abort(request)
+            request.wake.set()
+
+    def _apply_finished(self, request: ActiveRequest, fin: session_pb2.SequenceFinished) -> None:
+        sample = request.samples[fin.index]
+        request.num_cached_tokens = max(request.num_cached_tokens, fin.num_cached_tokens)
+        if sample.finished:  # this gateway already ended it (a stop string)
+            return
+        if fin.reason == common_pb2.FINISH_REASON_ERROR:
+            request.fail(errors.internal("generation failed inside the server"))
+            return
+        stop = fin.stop_token_id if fin.HasField("stop_token_id") else None
+        sample.finish(FINISH_REASONS.get(fin.reason, "abort"), stop)
+
+    def _finish_at_scheduler(self, request_id: str, index: int) -> None:
+        self._send_quietly(
+            session_pb2.GatewayMessage(
+                finish=session_pb2.FinishSequence(
+                    request_id=request_id, index=index, reason=common_pb2.FINISH_REASON_STOP
+                )
+            )
+        )
+
+    def _send_quietly(self, message: session_pb2.GatewayMessage) -> None:
+        """Finish and abort are best effort: a broken session aborts everything anyway."""
+        if self._send is None:
+            return
+        with contextlib.suppress(GatewayError):
+            self._send(message)

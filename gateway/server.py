@@ -1,0 +1,286 @@
+"""``pagoda gateway``: flags, and the process that serves REST and gRPC in one loop.
+
+``run`` serves uvicorn (the OpenAI REST API) and the grpc.aio server (the public gRPC
+API) on one uvloop event loop, beside the task that keeps the scheduler session open.
+SIGTERM drains: new requests get 503 / UNAVAILABLE and ``/ready`` turns 503 at once,
+open requests and streams get ``--drain-grace`` seconds to finish, then the process
+exits 0. Once both ports listen it logs, on one line,
+``gateway listening http=HOST:PORT grpc=HOST:PORT`` (with the real ports when 0 asked
+for any free one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import uvicorn
+import uvloop
+
+from gateway.core import Gateway
+from gateway.grpc_api import Health, add_services
+from gateway.openai_api import HttpSettings, build_app
+from gateway.session import SessionClient
+from pagoda.model_card import ModelCard, ModelCardError
+from pagoda.text import Tokenizer
+
+log = logging.getLogger("gateway")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's flags; each falls back to the environment variable named in its
+    help (docs/services.md), and the parser's formatter shows every default."""
+    env = os.environ.get
+    parser.add_argument(
+        "--model",
+        default=env("PAGODA_MODEL_CARD"),
+        metavar="CARD",
+        help="model card folder (written by `pagoda prepare-model`, or a Hugging Face "
+        "folder); env PAGODA_MODEL_CARD",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="tokenizer folder, when not the card's own (None: the card's own)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model name clients send (None: the card's name)",
+    )
+    parser.add_argument(
+        "--host", default=env("PAGODA_HOST", "127.0.0.1"), help="address to bind; env PAGODA_HOST"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=env("PAGODA_PORT", "8000"),
+        help="REST port (0: any free port); env PAGODA_PORT",
+    )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=env("PAGODA_GRPC_PORT", "50051"),
+        help="public gRPC port (0: any free port); env PAGODA_GRPC_PORT",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default=env("PAGODA_SCHEDULER", "127.0.0.1:50061"),
+        metavar="HOST:PORT",
+        help="the scheduler's session address; env PAGODA_SCHEDULER",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="API key clients must send as 'Authorization: Bearer KEY' (None: no key); "
+        "env PAGODA_API_KEY",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body accepted; larger ones get 413",
+    )
+    parser.add_argument(
+        "--gateway-id",
+        default=env("PAGODA_GATEWAY_ID") or f"{socket.gethostname()}-{os.getpid()}",
+        help="this gateway's name in the scheduler's logs; env PAGODA_GATEWAY_ID",
+    )
+    parser.add_argument(
+        "--drain-grace",
+        type=float,
+        default=env("PAGODA_DRAIN_GRACE", "30"),
+        metavar="SECONDS",
+        help="on SIGTERM, how long open requests may take to finish; env PAGODA_DRAIN_GRACE",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=env("PAGODA_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log level; env PAGODA_LOG_LEVEL",
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The flags, checked, with the card and tokenizer loaded."""
+
+    card: ModelCard
+    tokenizer: Tokenizer
+    served_model_name: str
+    host: str
+    port: int
+    grpc_port: int
+    scheduler: str
+    api_key: str | None
+    max_body_bytes: int
+    gateway_id: str
+    drain_grace_s: float
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        if not args.model:
+            raise ValueError("give the model card: --model CARD or PAGODA_MODEL_CARD")
+        card = ModelCard.load(args.model)
+        tokenizer = Tokenizer.from_dir(
+            Path(args.tokenizer) if args.tokenizer else card.tokenizer_dir
+        )
+        if args.max_body_bytes <= 0:
+            raise ValueError("--max-body-bytes must be positive")
+        return cls(
+            card=card,
+            tokenizer=tokenizer,
+            served_model_name=args.served_model_name or card.name,
+            host=args.host,
+            port=args.port,
+            grpc_port=args.grpc_port,
+            scheduler=args.scheduler,
+            api_key=args.api_key or os.environ.get("PAGODA_API_KEY") or None,
+            max_body_bytes=args.max_body_bytes,
+            gateway_id=args.gateway_id,
+            drain_grace_s=max(0.0, args.drain_grace),
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM / SIGINT; returns the exit code."""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings.from_args(args)
+    except (OSError, ModelCardError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve(settings))
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: the gateway drains on SIGTERM itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve(settings: Settings) -> int:
+    core = Gateway(settings.card, settings.tokenizer, settings.served_model_name)
+    health = Health()
+    background: set[asyncio.Task[None]] = set()
+
+    def on_state(up: bool) -> None:
+        core.on_session_state(up)
+        task = asyncio.get_running_loop().create_task(health.update(core.ready()))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    session = SessionClient(
+        settings.scheduler,
+        settings.gateway_id,
+        on_update=core.table.on_update,
+        on_state=on_state,
+        expected_identity=settings.card.identity,
+    )
+    core.attach_session(session)
+    await health.update(False)
+
+    grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    add_services(grpc_server, core, health)
+    try:
+        sock = _bind(settings.host, settings.port)
+        grpc_port = grpc_server.add_insecure_port(_address(settings.host, settings.grpc_port))
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot listen: %s", exc)
+        return 2
+    if grpc_port == 0:
+        log.error("cannot listen on gRPC port %s", settings.grpc_port)
+        return 2
+    await grpc_server.start()
+    app = build_app(core, HttpSettings(settings.api_key, settings.max_body_bytes))
+    http = _Uvicorn(
+        uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
+    )
+    session_task = asyncio.create_task(session.run(), name="session")
+    http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")
+    while not http.started and not http_task.done():
+        await asyncio.sleep(0.01)
+    if http_task.done():
+        log.error("the HTTP server did not start")
+        return 2
+    # Exactly this line, unadorned, as the scheduler prints its own: launchers parse it.
+    http_address = _address(settings.host, sock.getsockname()[1])
+    grpc_address = _address(settings.host, grpc_port)
+    print(f"gateway listening http={http_address} grpc={grpc_address}", file=sys.stderr, flush=True)
+    await _until_signalled(http_task)
+    await _drain(core, health, settings.drain_grace_s)
+    session.close()
+    http.should_exit = True
+    await grpc_server.stop(grace=1.0)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(http_task, timeout=5)
+    session_task.cancel()
+    with contextlib.suppress(BaseException):
+        await session_task
+    log.info("gateway stopped")
+    return 0
+
+
+async def _until_signalled(http_task: asyncio.Task[None]) -> None:
+    """Until SIGTERM or SIGINT (or the HTTP server ending by itself)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopper, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+
+
+async def _drain(core: Gateway, health: Health, grace_s: float) -> None:
+    """Refuse new requests, then give the open ones ``grace_s`` seconds to finish."""
+    core.draining = True
+    await health.update(False)
+    log.info("draining: %d request(s) open, %.0f s grace", len(core.table), grace_s)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    while len(core.table) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if len(core.table):
+        log.warning("drain grace over: ending %d request(s)", len(core.table))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The REST listening socket, bound here so that port 0 can be reported."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

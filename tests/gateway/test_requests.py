@@ -1,0 +1,115 @@
+"""The fan-out of step outputs to requests, without a network: RequestTable and groups."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from gateway.requests import ActiveRequest, RequestGroup, RequestTable
+from pagoda.sampling_params import SamplingParams
+from pagoda.text import Tokenizer
+from pagoda.v1 import common_pb2, session_pb2
+
+STOP = common_pb2.FINISH_REASON_STOP
+
+
+def _table() -> tuple[RequestTable, list[session_pb2.GatewayMessage]]:
+    sent: list[session_pb2.GatewayMessage] = []
+    table = RequestTable(Metrics("m"))
+    table.attach(sent.append)
+    return table, sent
+
+
+def _request(tokenizer: Tokenizer, rid: str = "r", **params: object) -> ActiveRequest:
+    return ActiveRequest.create(
+        rid, tokenizer.encode("Hi"), SamplingParams(**params), tokenizer, asyncio.Event()
+    )
+
+
+def _outputs(rid: str, tokens: dict[int, int], finished: tuple[int, ...] = ()) -> object:
+    out = session_pb2.StepOutputs(
+        request_ids=[rid] * len(tokens), indices=list(tokens), token_ids=list(tokens.values())
+    )
+    for index in finished:
+        out.finished.append(
+            session_pb2.SequenceFinished(
+                request_id=rid, index=index, reason=STOP, stop_token_id=2, num_cached_tokens=3
+            )
+        )
+    return out
+
+
+def test_a_stop_string_finishes_one_sample_at_the_scheduler_and_not_its_sibling(
+    tokenizer: Tokenizer, scripts: list[list[int]]
+) -> None:
+    table, sent = _table()
+    request = _request(tokenizer, n=2, stop=["Done"])
+    table.add(request)
+    for a, b in zip(scripts[0], scripts[1], strict=False):
+        table.on_outputs(_outputs("r", {0: a, 1: b}))
+    finishes = [m.finish for m in sent if m.WhichOneof("kind") == "finish"]
+    assert [(f.request_id, f.index, f.reason) for f in finishes] == [("r", 0, STOP)]
+    first, second = request.samples
+    assert first.finish_reason == "stop" and first.text == " The answer is 42. "
+    assert len(first.token_ids) < len(scripts[0])  # tokens after the stop were dropped
+    assert not second.finished and request.wake.is_set()
+    table.on_outputs(_outputs("r", {1: 2}, finished=(1,)))
+    assert request.done and len(table) == 0 and request.num_cached_tokens == 3
+    assert second.finish_reason == "stop" and second.stop_reason == 2
+
+
+def test_late_tokens_of_an_aborted_request_are_ignored(tokenizer: Tokenizer) -> None:
+    table, sent = _table()
+    request = _request(tokenizer)
+    table.add(request)
+    table.abort(request)
+    table.on_outputs(_outputs("r", {0: 40}))
+    assert request.samples[0].token_ids == []
+    assert [m.abort.request_id for m in sent] == ["r"]
+
+
+def test_a_rejection_fails_the_request_with_its_status(tokenizer: Tokenizer) -> None:
+    table, _ = _table()
+    request = _request(tokenizer)
+    table.add(request)
+    table.on_rejected(
+        session_pb2.Rejected(
+            request_id="r", reason=session_pb2.Rejected.QUEUE_FULL, message="full", retry_after_s=3
+        )
+    )
+    assert request.error is not None and request.error.status == 429
+    assert request.error.headers() == {"Retry-After": "3"} and len(table) == 0
+
+
+def test_a_group_streams_deltas_and_raises_a_failure(tokenizer: Tokenizer) -> None:
+    async def scenario() -> tuple[list[str], int]:
+        table, _ = _table()
+        wake = asyncio.Event()
+        requests = [
+            ActiveRequest.create(rid, [1, 5], SamplingParams(), tokenizer, wake)
+            for rid in ("a", "b")
+        ]
+        for r in requests:
+            table.add(r)
+        group = RequestGroup(requests, wake)
+        texts: list[str] = []
+
+        async def feed() -> None:
+            for token in tokenizer.encode(" hello", add_special_tokens=False):
+                table.on_outputs(_outputs("a", {0: token}))
+                await asyncio.sleep(0)
+            table.on_outputs(_outputs("a", {}, finished=(0,)))
+            table.fail_all(GatewayError(503, "gone"))
+
+        feeder = asyncio.ensure_future(feed())
+        with pytest.raises(GatewayError) as caught:
+            async for batch in group.deltas():
+                texts.extend(d.text for p, d in batch if p == 0)
+        await feeder
+        return texts, caught.value.status
+
+    texts, status = asyncio.run(scenario())
+    assert "".join(texts) == " hello" and status == 503
