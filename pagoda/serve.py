@@ -1,0 +1,256 @@
+"""``pagoda serve``: the whole stack on one machine, as child processes on loopback.
+
+It prepares the model card, starts the scheduler, N workers and the gateway (each
+the same ``pagoda`` subcommand a pod would run, so one code path serves both),
+waits until the gateway is listening and every worker has registered, prints the
+URLs, and stays in the foreground. Ctrl-C or SIGTERM stops the gateway first (it
+finishes its open streams), then the workers, then the scheduler; a child that
+dies on its own brings the rest down. Children start in a process group of their
+own, and whatever outlives its grace period is killed: no orphans.
+
+The children bind port 0 where a port is internal and report the real port on a
+log line that this module reads from their stderr (which it forwards, prefixed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEDULER_LINE = re.compile(r"scheduler listening grpc=(\S+) step=(\S+) http=(\S+)")
+WORKER_LINE = re.compile(r"worker (\S+) registered replica=(\d+)")
+GATEWAY_LINE = re.compile(r"gateway listening http=(\S+) grpc=(\S+)")
+
+STOP_GRACE_S = 30.0
+START_TIMEOUT_S = 600.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        help="a Hugging Face folder or a .gguf file (default: the default model, "
+        "SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker replicas to start")
+    parser.add_argument("--host", default="127.0.0.1", help="the gateway's host")
+    parser.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="the public gRPC port")
+    parser.add_argument("--served-model-name", help="the model's name in the API")
+    parser.add_argument(
+        "--api-key", help="require this key from clients (default: $PAGODA_API_KEY, if set)"
+    )
+    parser.add_argument("--dtype", default="auto", help="weights and KV cache dtype")
+    parser.add_argument("--max-model-len", type=int, help="default: the model's")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=256, help="sequences running at once per replica"
+    )
+    parser.add_argument("--max-num-batched-tokens", type=int, help="default: the scheduler's")
+    parser.add_argument("--kv-cache-memory", help="per worker, e.g. 2GiB (default: 1GiB on CPU)")
+    parser.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="the workers' kernels: triton on CUDA, torch on CPU for auto",
+    )
+    parser.add_argument("--seed", type=int, help="seed of the scheduler's request seeds")
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+
+
+@dataclass
+class Child:
+    """One child process and what its log has told us."""
+
+    name: str
+    proc: subprocess.Popen
+    found: dict[str, re.Match] = field(default_factory=dict)
+    lock: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_for(self, key: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while key not in self.found:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.name} did not report {key} in {timeout:.0f} s")
+                self.lock.wait(min(left, 0.5))
+            return self.found[key]
+
+
+class Stack:
+    """The children of one ``pagoda serve``."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+
+    def start(self, name: str, argv: list[str], patterns: dict[str, re.Pattern], env=None) -> Child:
+        cmd = [sys.executable, "-m", "pagoda", *argv]
+        proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True,
+            bufsize=1, start_new_session=True,
+        )  # fmt: skip
+        child = Child(name, proc)
+        self.children.append(child)
+        threading.Thread(target=_forward, args=(child, patterns), daemon=True).start()
+        return child
+
+    def first_exited(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def stop(self) -> None:
+        """Gateway first, then workers, then the scheduler: each drains what it holds."""
+        order = sorted(self.children, key=lambda c: _STOP_ORDER.get(c.name.split("-")[0], 9))
+        for group in _groups(order):
+            for child in group:
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_S
+            for child in group:
+                try:
+                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _kill_group(child.proc)
+        for child in self.children:  # anything a child started and left behind
+            _kill_group(child.proc)
+
+
+_STOP_ORDER = {"gateway": 0, "worker": 1, "scheduler": 2}
+
+
+def _groups(children: list[Child]) -> list[list[Child]]:
+    groups: dict[int, list[Child]] = {}
+    for child in children:
+        groups.setdefault(_STOP_ORDER.get(child.name.split("-")[0], 9), []).append(child)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _forward(child: Child, patterns: dict[str, re.Pattern]) -> None:
+    """Copy a child's stderr to ours, prefixed, noting the lines we wait for."""
+    assert child.proc.stderr is not None
+    for line in child.proc.stderr:
+        sys.stderr.write(f"[{child.name}] {line}")
+        for key, pattern in patterns.items():
+            match = pattern.search(line)
+            if match:
+                with child.lock:
+                    child.found.setdefault(key, match)
+                    child.lock.notify_all()
+    with child.lock:
+        child.lock.notify_all()
+
+
+def prepare_card(model: str | None) -> tuple[Path, Path]:
+    """(weights, card): the model a worker loads and the card folder the others read."""
+    from pagoda.default_model import default_model_path
+    from worker_svc.model_card_writer import ensure_model_card
+
+    weights = Path(model) if model else default_model_path()
+    if not weights.exists():
+        raise FileNotFoundError(f"model {str(weights)!r} not found")
+    return weights, ensure_model_card(weights).path
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        print("pagoda serve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        weights, card = prepare_card(args.model)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"pagoda serve: error: {exc}", file=sys.stderr)
+        return 1
+    stack = Stack()
+    stopping = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stopping.set()) for s in _SIGNALS}
+    try:
+        _start_all(stack, args, weights, card)
+        print(_banner(args), flush=True)
+        while not stopping.wait(0.5):
+            dead = stack.first_exited()
+            if dead is not None:
+                print(
+                    f"pagoda serve: {dead.name} exited with code {dead.proc.returncode}; stopping",
+                    file=sys.stderr,
+                )
+                return 1
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"pagoda serve: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _start_all(stack: Stack, args: argparse.Namespace, weights: Path, card: Path) -> None:
+    env = dict(os.environ)
+    # Loopback only, but a secret costs nothing and keeps strays from registering.
+    env["PAGODA_SHARED_SECRET"] = env.get("PAGODA_SHARED_SECRET") or secrets.token_hex(16)
+    env["PAGODA_LOCAL_WORKERS"] = str(args.workers)
+    common = ["--log-level", args.log_level]
+    sched_argv = ["scheduler", "--model", str(card), "--grpc-port", "0", "--step-port", "0",
+                  "--http-port", "0", "--block-size", str(args.block_size),
+                  "--max-num-seqs", str(args.max_num_seqs), *common]  # fmt: skip
+    if args.max_model_len:
+        sched_argv += ["--max-model-len", str(args.max_model_len)]
+    if args.max_num_batched_tokens:
+        sched_argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.seed is not None:
+        sched_argv += ["--seed", str(args.seed)]
+    scheduler = stack.start("scheduler", sched_argv, {"listening": SCHEDULER_LINE}, env)
+    grpc_addr, step_addr, _ = scheduler.wait_for("listening", START_TIMEOUT_S).groups()
+    workers = []
+    for i in range(args.workers):
+        argv = ["worker", "--scheduler", step_addr, "--model", str(weights),
+                "--worker-id", f"worker-{i}", "--http-port", "0", "--dtype", args.dtype,
+                "--block-size", str(args.block_size),
+                "--attention-backend", args.attention_backend, *common]  # fmt: skip
+        if args.kv_cache_memory:
+            argv += ["--kv-cache-memory", args.kv_cache_memory]
+        if args.max_model_len:
+            argv += ["--max-model-len", str(args.max_model_len)]
+        workers.append(stack.start(f"worker-{i}", argv, {"registered": WORKER_LINE}, env))
+    gw_argv = ["gateway", "--model", str(card), "--scheduler", grpc_addr, "--host", args.host,
+               "--port", str(args.port), "--grpc-port", str(args.grpc_port), *common]  # fmt: skip
+    if args.served_model_name:
+        gw_argv += ["--served-model-name", args.served_model_name]
+    gateway_env = dict(env)
+    gateway_env.pop("PAGODA_SHARED_SECRET")  # the gateway has no use for it
+    if args.api_key:  # by environment, so it shows in no process listing
+        gateway_env["PAGODA_API_KEY"] = args.api_key
+    gateway = stack.start("gateway", gw_argv, {"listening": GATEWAY_LINE}, gateway_env)
+    args.http_url, args.grpc_url = gateway.wait_for("listening", START_TIMEOUT_S).groups()
+    for worker in workers:
+        worker.wait_for("registered", START_TIMEOUT_S)
+
+
+def _banner(args: argparse.Namespace) -> str:
+    return (
+        f"pagoda is serving with {args.workers} worker(s)\n"
+        f"  OpenAI REST: http://{args.http_url}/v1\n"
+        f"  gRPC:        {args.grpc_url}\n"
+        f"  metrics:     http://{args.http_url}/metrics\n"
+        "Ctrl-C stops everything."
+    )
