@@ -1,6 +1,6 @@
 """The stack from ``pagoda serve`` against the offline ``pagoda.LLM``, through every API.
 
-One ``pagoda serve`` with two worker replicas on the tiny random Llama (fp32) serves
+``pagoda serve`` with one and with two worker replicas on the tiny random Llama (fp32) serves
 the official ``openai`` client, a Python gRPC client and a Node.js gRPC client; every
 greedy answer must equal the offline engine's for the same prompt (the near-tie
 rule of tests/worker_svc/hf_oracle.py applies where the two differ).
@@ -13,6 +13,7 @@ import shutil
 import subprocess
 
 import grpc
+import httpx
 import openai
 import pytest
 
@@ -30,10 +31,10 @@ def model(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("e2e-serve"))
 
 
-@pytest.fixture(scope="module")
-def stack(model):
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def stack(model, request):
     serve = Serve(
-        model, workers=2,
+        model, workers=request.param,
         extra=["--dtype", "float32", "--seed", "0", "--max-model-len", "256",
                "--kv-cache-memory", "64MiB"],
     )  # fmt: skip
@@ -177,3 +178,23 @@ def test_python_and_node_grpc_clients_get_the_offline_tokens(stack, offline):
     assert result["token_ids"] == list(ref.token_ids)
     assert result["finish_reason"] == "FINISH_REASON_LENGTH"
     assert result["text"] == ref.text
+
+
+def test_malformed_requests_get_their_4xx_from_the_real_stack(stack, client, model_name):
+    """The gateway's table of bad requests, against the real scheduler and workers."""
+    from tests.gateway.conftest import MODEL_NAME
+    from tests.gateway.test_bad_requests import CASES
+
+    cases = [c for c in CASES if "over the limit" not in c[0]]
+    assert len(cases) >= 25
+    with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+        for name, method, path, kwargs, status, _ in cases:
+            if "json" in kwargs:  # the table names the test double's model
+                text = json.dumps(kwargs["json"]).replace(f'"{MODEL_NAME}"', f'"{model_name}"')
+                kwargs = {"json": json.loads(text)}
+            response = http.request(method, path, **kwargs)
+            assert response.status_code == status, (name, response.text)
+            error = response.json()["error"]
+            assert error["message"] and "type" in error and "code" in error, name
+    ok = client.completions.create(model=model_name, prompt="abc", max_tokens=3, temperature=0)
+    assert ok.usage.completion_tokens == 3
