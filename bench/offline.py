@@ -258,7 +258,12 @@ def transformers_engine(spec: dict) -> dict[str, Any]:
 def run_worker(engine: str, spec_file: Path, result_file: Path) -> int:
     """In the engine's own process: run one engine on the spec, write its raw result."""
     spec = json.loads(spec_file.read_text())
-    run = pagoda_engine if engine == "pagoda" else transformers_engine
+    if engine == "pagoda_split":
+        from bench._split import split_engine
+
+        run = lambda spec: split_engine(spec, measure)  # noqa: E731
+    else:
+        run = pagoda_engine if engine == "pagoda" else transformers_engine
     try:
         result = run(spec)
     except Exception as e:
@@ -350,7 +355,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256, help="pagoda and vLLM")
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="pagoda and vLLM")
     p.add_argument("--kv-cache-gib", type=int, default=4, help="KV cache size, pagoda and vLLM")
-    p.add_argument("--worker", choices=["pagoda", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--stack",
+        default="inproc",
+        choices=["inproc", "split"],
+        help="split: pagoda also through the running services (pagoda serve, public gRPC)",
+    )
+    p.add_argument(
+        "--worker", choices=["pagoda", "pagoda_split", "transformers"], help=argparse.SUPPRESS
+    )
     p.add_argument("files", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.output_len < 2 or args.input_len < 1 or args.num_prompts < 1 or args.repeats < 1:
@@ -399,6 +412,13 @@ def main(argv: list[str] | None = None) -> int:
                 raw = run_engine(me + ["--worker", "pagoda"], dict(spec, compile=compiled))
                 line = {"engine": "pagoda", "compile": compiled, **common}
                 print(json.dumps(line | summarize(raw, n, length, m)), flush=True)
+            if args.stack == "split":
+                raw = run_engine(me + ["--worker", "pagoda_split"], spec)
+                line = {"engine": "pagoda", "stack": "split", **common}
+                extra = {
+                    "outside_worker_cpu_ms_per_step": raw.get("outside_worker_cpu_ms_per_step")
+                }
+                print(json.dumps(line | summarize(raw, n, length, m) | extra), flush=True)
         elif engine == "transformers":
             raw = run_engine(me + ["--worker", "transformers"], spec)
             line = {"engine": "transformers", **common}
