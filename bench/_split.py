@@ -104,6 +104,7 @@ def split_engine(spec: dict, measure) -> dict[str, Any]:
         "--seed", str(spec["seed"]),
     ])  # fmt: skip
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # the channel binds to the loop current when it is made
     channel = grpc.aio.insecure_channel(stack.found["grpc"])
     stub = api_pb2_grpc.GenerationStub(channel)
     cpu: dict[str, float] = {}

@@ -259,7 +259,7 @@ def run_worker(engine: str, spec_file: Path, result_file: Path) -> int:
     """In the engine's own process: run one engine on the spec, write its raw result."""
     spec = json.loads(spec_file.read_text())
     if engine == "pagoda_split":
-        from bench._split import split_engine
+        from _split import split_engine  # beside this file
 
         run = lambda spec: split_engine(spec, measure)  # noqa: E731
     else:
