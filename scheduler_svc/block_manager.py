@@ -5,16 +5,31 @@ A block is *owned* while some sequence's table holds it (``ref_count`` counts th
 tables) and *free* otherwise. Freed blocks keep their prefix-cache hash and go to
 the back of an LRU queue, so a later request with the same prefix can take them
 back (lazy eviction); a hash leaves the index only when its block is reused.
+
+Every change to the index can be reported to one ``listener`` (the prefix-cache
+event publisher, ``scheduler_svc.kv_events``): a block stored under its hash, and a
+hash removed when its block is taken for new content. Nobody listens by default, and
+then the hot path pays one attribute check per indexed or evicted block, nothing more.
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler_svc.block_hash import ROOT_PARENT, hash_block
 
 _NO_BLOCKS: list[int] = []
+
+# Kinds of index change a listener hears about.
+BLOCK_STORED = 1
+BLOCK_REMOVED = 2
+
+BlockListener = Callable[[int, bytes, bytes, tuple[int, ...]], None]
+"""``listener(kind, block_hash, parent_hash, token_ids)``: ``BLOCK_STORED`` with the
+parent's hash (``b""`` for a sequence's first block) and the block's token ids, or
+``BLOCK_REMOVED`` with ``b""`` and ``()``. Called synchronously, inside the change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +64,8 @@ class BlockManager:
         self._num_hashed: dict[int, int] = {}
         self.queries = 0
         self.hits = 0
+        # Told of every index change while set; the index is already changed when it is called.
+        self.listener: BlockListener | None = None
 
     # -- reading ---------------------------------------------------------------
 
@@ -147,6 +164,7 @@ class BlockManager:
             return
         table = self.tables[seq_id]
         bs = self.block_size
+        listener = self.listener
         for i in range(start, full):
             h = block_hashes[i]
             block = table[i]
@@ -155,9 +173,11 @@ class BlockManager:
             self._cached[h] = block
             self._block_hash[block] = h
             parent = block_hashes[i - 1] if i else ROOT_PARENT
-            self._content[block] = CachedBlock(
+            content = self._content[block] = CachedBlock(
                 parent, tuple(token_ids[i * bs : (i + 1) * bs]), extra
             )
+            if listener is not None:
+                listener(BLOCK_STORED, h, parent if i else b"", content.token_ids)
         self._num_hashed[seq_id] = full
 
     def free(self, seq_id: int) -> None:
@@ -178,6 +198,8 @@ class BlockManager:
             del self._cached[h]
             del self._content[block]
             self._block_hash[block] = None
+            if self.listener is not None:
+                self.listener(BLOCK_REMOVED, h, b"", ())
         self.ref_counts[block] = 1
         return block
 
