@@ -25,6 +25,13 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     # Seeds the generator of request seeds (None: from the OS), so tests are repeatable.
     seed: int | None = None
+    # Bounds of the waiting queue (None: unbounded, as the offline engine wants): sequences
+    # waiting, and their tokens; a submit past either is refused with QueueFull.
+    max_waiting_requests: int | None = None
+    max_waiting_tokens: int | None = None
+    # Prefix affinity: how long (in the unit of ``now``, seconds in the service) a request
+    # whose prefix is cached on another replica with room is left for that replica; 0: off.
+    affinity_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "block_size", "max_num_batched_tokens", "max_num_seqs"):
@@ -35,6 +42,12 @@ class SchedulerConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                 f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token a step"
             )
+        for name in ("max_waiting_requests", "max_waiting_tokens"):
+            bound = getattr(self, name)
+            if bound is not None and bound < 1:
+                raise ValueError(f"{name} must be >= 1 (or None: unbounded), got {bound}")
+        if self.affinity_wait_s < 0:
+            raise ValueError(f"affinity_wait_s must be >= 0, got {self.affinity_wait_s}")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pagoda.v1 import session_pb2
-from scheduler_svc.replicas import ACTIVE, STATE_NAMES
+from scheduler_svc.replicas import ACTIVE, DRAINING, STATE_NAMES
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -57,10 +57,21 @@ class _SnapshotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snapshot = self._metrics.snapshot
         stats = snapshot.stats
-        live = [r for r in stats.replicas if r.state == ACTIVE]
-        blocks = sum(r.num_blocks for r in live)
-        used = sum(r.num_blocks - r.num_free_blocks for r in live)
+        holding = [r for r in stats.replicas if _holds_blocks(r)]
+        blocks = sum(r.num_blocks for r in holding)
+        used = sum(r.num_blocks - r.num_free_blocks for r in holding)
         yield from self._vllm(stats, blocks, used / blocks if blocks else 0.0)
+        live = [r for r in stats.replicas if r.state == ACTIVE]
+        yield _gauge(
+            "pagoda_replicas_live",
+            "Replicas taking new work (registered, not draining).",
+            len(live),
+        )
+        yield _gauge(
+            "pagoda_capacity_blocks",
+            "KV blocks of the replicas taking new work.",
+            sum(r.num_blocks for r in live),
+        )
         yield _gauge("pagoda_sessions", "Open gateway sessions.", stats.num_sessions)
         yield _gauge(
             "pagoda_waiting_prompt_tokens",
@@ -116,11 +127,18 @@ def _replica_metrics(stats: session_pb2.StatsResponse) -> Iterator[Metric]:
     running = GaugeMetricFamily(
         "pagoda_replica_running", "Sequences running, per live replica.", labels=["replica"]
     )
+    hit_rate = GaugeMetricFamily(
+        "pagoda_replica_prefix_cache_hit_rate",
+        "Prefix-cache hits over queries, in blocks, in this registration, per live replica.",
+        labels=["replica"],
+    )
     for replica in stats.replicas:
         counts[STATE_NAMES[replica.state]] += 1
-        if replica.state == ACTIVE:
-            kv.add_metric([str(replica.replica_id)], replica.kv_usage)
-            running.add_metric([str(replica.replica_id)], replica.num_running)
+        if _holds_blocks(replica):
+            label = [str(replica.replica_id)]
+            kv.add_metric(label, replica.kv_usage)
+            running.add_metric(label, replica.num_running)
+            hit_rate.add_metric(label, replica.prefix_cache_hit_rate)
     replicas = GaugeMetricFamily(
         "pagoda_replicas", "Known replicas by state (dead ones stay listed).", labels=["state"]
     )
@@ -129,6 +147,13 @@ def _replica_metrics(stats: session_pb2.StatsResponse) -> Iterator[Metric]:
     yield replicas
     yield kv
     yield running
+    yield hit_rate
+
+
+def _holds_blocks(replica: session_pb2.ReplicaStats) -> bool:
+    """In the core: taking work, or draining and still running (a draining replica leaves
+    the core as soon as it runs nothing, and is then listed with nothing held)."""
+    return replica.state == ACTIVE or (replica.state == DRAINING and replica.num_running > 0)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

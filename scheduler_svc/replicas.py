@@ -1,9 +1,10 @@
 """The replicas the service knows: live ones, draining ones, and the dead (kept for Stats).
 
-The core knows only live replicas (``Scheduler.join`` / ``leave``); operators also want
-to see which replicas drained or died, so the service keeps a handle per registration
-and lists it after it left the core: a draining one until its heartbeats stop, a dead
-one among the last ``MAX_DEAD`` deaths.
+The core knows only live replicas (``Scheduler.join`` / ``leave``), a draining one
+among them while it runs what it holds; operators also want to see which replicas
+drained or died, so the service keeps a handle per registration and lists it after it
+left the core: a drained one until its heartbeats stop, a dead one among the last
+``MAX_DEAD`` deaths.
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ class ReplicaHandle:
     step_in_flight: int = 0
     step_started: float | None = None
     ended_at: float | None = None
+    # While draining with a grace period: when the scheduler takes it out regardless.
+    drain_deadline: float | None = None
 
 
 @dataclass
 class ReplicaTable:
     """Every handle by replica id and by worker id, and the subset the core runs."""
 
+    # In the core: taking work (ACTIVE), or DRAINING and still running what it holds.
     live: dict[int, ReplicaHandle] = field(default_factory=dict)
     listed: dict[int, ReplicaHandle] = field(default_factory=dict)
     # The latest registration of each worker, whatever its state.
@@ -79,6 +83,8 @@ class ReplicaTable:
     def prune(self, now: float, silence_s: float) -> None:
         """Forget draining replicas whose worker has gone quiet (it exited, as announced)."""
         for handle in list(self.listed.values()):
+            if handle.replica_id in self.live:
+                continue
             if handle.state == DRAINING and now - handle.last_seen > silence_s:
                 del self.listed[handle.replica_id]
                 if self.by_worker.get(handle.worker_id) is handle:
@@ -90,7 +96,7 @@ class ReplicaTable:
         entries = []
         for rid in sorted(self.listed):
             handle = self.listed[rid]
-            entry = live.get(rid) if handle.state == ACTIVE else None
+            entry = live.get(rid) if rid in self.live else None
             if entry is None:
                 entry = session_pb2.ReplicaStats(
                     replica_id=rid,

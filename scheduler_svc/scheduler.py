@@ -10,12 +10,18 @@ first (a decode costs one token, an unfinished prefill continues), then waiting
 ones from the head of the queue, a long prompt in chunks. When blocks run out, the
 latest-arrived (or lowest-priority) running sequence is preempted and recomputed
 later, its generated tokens kept.
+
+On top of that loop: a draining replica admits nothing new; the queue is bounded
+(``QueueFull``); requests past their deadline end (``expire``); and a request whose
+prefix another replica caches more of waits a bounded time for that replica (prefix
+affinity, docs/scheduler.md).
 """
 
 from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pagoda.sampling_params import SamplingParams
@@ -30,6 +36,15 @@ LENGTH = common_pb2.FINISH_REASON_LENGTH
 ABORT = common_pb2.FINISH_REASON_ABORT
 
 _UINT64 = 2**64 - 1
+# A replica's admission looks at most this many requests left for other replicas (prefix
+# affinity) in one step before it stops admitting: the walk past them stays short.
+AFFINITY_LOOKAHEAD = 64
+
+WaitingEntry = tuple[tuple[int, float, int], int, Sequence]
+
+
+class QueueFull(ValueError):
+    """The waiting queue is at one of its bounds; the same submit may succeed later."""
 
 
 @dataclass(eq=False, slots=True)
@@ -45,6 +60,11 @@ class Replica:
     # Sequences to tell the worker about in the next plan.
     pending_finished: list[int] = field(default_factory=list)
     pending_preempted: list[int] = field(default_factory=list)
+    # A draining replica runs what it holds and admits nothing new.
+    draining: bool = False
+    # The earliest ``now`` at which a request this replica left for another one (prefix
+    # affinity) becomes its to take; None when its last schedule left none.
+    deferred_until: float | None = None
 
 
 @dataclass(slots=True)
@@ -75,9 +95,16 @@ class Scheduler:
         self._replicas: dict[int, Replica] = {}
         self._requests: dict[tuple[str, str], Request] = {}
         self._seqs: dict[int, Sequence] = {}  # every unfinished sequence, by handle
-        # The global queue: a heap by sort_key; entries of aborted sequences are skipped.
-        self._waiting: list[tuple[tuple[int, float, int], Sequence]] = []
+        # The global queue: a heap by sort_key. An entry is live while its sequence waits
+        # and names it as its ``queue_entry``; others (aborted, admitted from behind the
+        # head, re-queued under a newer entry) are skipped and dropped on reaching the top.
+        self._waiting: list[WaitingEntry] = []
+        self._next_entry = 1
         self._num_waiting = 0
+        self._waiting_tokens = 0
+        # Requests with a deadline: a heap of (deadline_unix_ms, first seq id, request);
+        # entries of requests that ended meanwhile are skipped.
+        self._deadlines: list[tuple[int, int, Request]] = []
         self._next_seq_id = 1
         self._next_epoch = 1
         self.num_preemptions = 0
@@ -114,6 +141,12 @@ class Scheduler:
         self.leave(replica_id)
         return self.join(replica_id, num_blocks)
 
+    def drain(self, replica_id: int) -> None:
+        """The replica's worker is leaving: it admits nothing new, its running sequences go
+        on, and no other replica leaves a request for it. ``leave`` it once it runs nothing
+        (or when its grace period ends: what is left is re-queued)."""
+        self._replicas[replica_id].draining = True
+
     def replica(self, replica_id: int) -> Replica:
         return self._replicas[replica_id]
 
@@ -124,7 +157,9 @@ class Scheduler:
     # -- requests ----------------------------------------------------------------
 
     def add(self, submit: session_pb2.Submit, now: float, owner: str = "") -> None:
-        """Queue a request's n sequences. Raises ValueError on invalid input, changing nothing."""
+        """Queue a request's n sequences. Raises ValueError on invalid input, and QueueFull
+        (a ValueError) when the queue cannot take them now; either way it changes nothing.
+        """
         cfg = self.config
         key = (owner, submit.request_id)
         if not submit.request_id:
@@ -144,6 +179,7 @@ class Scheduler:
                 f"is {cfg.max_model_len}"
             )
         params = SamplingParams.from_proto(submit.sampling)
+        self._check_room(params.n, params.n * len(prompt))
         policy_priority = submit.priority if cfg.policy == "priority" else 0
         request = Request(
             owner=owner,
@@ -158,6 +194,7 @@ class Scheduler:
             structured_output=submit.structured_output
             if submit.HasField("structured_output")
             else None,
+            deadline_unix_ms=submit.deadline_unix_ms,
         )
         hashes: list[bytes] = []
         if cfg.enable_prefix_caching:
@@ -183,6 +220,33 @@ class Scheduler:
             self._push_waiting(seq)
         request.num_unfinished = params.n
         self._requests[key] = request
+        if request.deadline_unix_ms:
+            self._push_deadline(request)
+
+    def _check_room(self, num_seqs: int, num_tokens: int) -> None:
+        """Raise QueueFull unless the queue can take ``num_seqs`` more sequences holding
+        ``num_tokens`` tokens; ValueError when it never could, however empty."""
+        cfg = self.config
+        bounds = [
+            (bound, now, more, what)
+            for bound, now, more, what in (
+                (cfg.max_waiting_requests, self._num_waiting, num_seqs, "sequences"),
+                (cfg.max_waiting_tokens, self._waiting_tokens, num_tokens, "prompt tokens"),
+            )
+            if bound is not None
+        ]
+        for bound, _, more, what in bounds:
+            if more > bound:
+                raise ValueError(
+                    f"the request needs {more} {what} in the waiting queue, which holds "
+                    f"at most {bound}"
+                )
+        for bound, now, more, what in bounds:
+            if now + more > bound:
+                raise QueueFull(
+                    f"the waiting queue is full ({now} {what} waiting, at most {bound}); "
+                    "retry later"
+                )
 
     def abort(self, request_id: str, owner: str = "") -> bool:
         """End every sequence of a request, in whatever state; False if it is unknown."""
@@ -209,9 +273,25 @@ class Scheduler:
         streamed tokens already: they stay queued and finish.
         """
         records: dict[str, list[session_pb2.SequenceFinished]] = {}
-        for _, seq in list(self._waiting):
-            if seq.status is Status.WAITING and not seq.admitted_once:
+        for seq in list(self._waiting_seqs()):
+            if not seq.admitted_once:
                 records.setdefault(seq.request.owner, []).append(self._end(seq, ABORT))
+        return records
+
+    def expire(self, now_unix_ms: int) -> dict[str, list[session_pb2.SequenceFinished]]:
+        """End every request whose deadline has passed, waiting or running (reason "abort");
+        returns their final records by owner. The caller passes wall-clock time, since a
+        deadline is a Unix time."""
+        records: dict[str, list[session_pb2.SequenceFinished]] = {}
+        heap = self._deadlines
+        while heap and heap[0][0] <= now_unix_ms:
+            _, _, request = heapq.heappop(heap)
+            if self._requests.get(request.key) is not request:
+                continue  # it ended before its deadline
+            out = records.setdefault(request.owner, [])
+            for seq in request.sequences:
+                if seq.status is not Status.FINISHED:
+                    out.append(self._end(seq, ABORT, remove_from_running=True))
         return records
 
     def finish(
@@ -234,9 +314,9 @@ class Scheduler:
     def schedule(self, replica_id: int, now: float) -> step_pb2.StepPlan | None:
         """The next step for one replica, or None when it has nothing to run or to drop.
 
-        ``now`` is the caller's clock: the policy reads none of its own.
+        ``now`` is the caller's clock: the policy reads none of its own (prefix affinity
+        measures its wait with it).
         """
-        del now  # no time-based rule yet (prefix affinity and deadlines will use it)
         replica = self._replicas[replica_id]
         cfg = self.config
         budget = cfg.max_num_batched_tokens
@@ -295,27 +375,11 @@ class Scheduler:
                 plan.new_blocks.add(seq=seq.seq_id, block_ids=new_blocks)
 
         # Then waiting sequences from the head of the global queue, while budget and blocks last.
-        # A step that had to preempt admits nothing: the pool is already too small.
-        if not preempted:
-            while budget > 0 and len(running) < cfg.max_num_seqs:
-                seq = self._peek_waiting()
-                if seq is None:
-                    break
-                num_tokens = len(seq.token_ids)
-                if seq.request.uses_prefix_cache:
-                    hits = blocks.lookup(seq.block_hashes, num_tokens)
-                    num_queried = min(len(seq.block_hashes), (num_tokens - 1) // bs)
-                else:
-                    hits, num_queried = [], 0
-                num_cached = len(hits) * bs
-                num_new = min(num_tokens - num_cached, budget)
-                table = blocks.admit(seq.seq_id, hits, num_cached + num_new, num_queried)
-                if table is None:
-                    break
-                heapq.heappop(self._waiting)
-                self._num_waiting -= 1
-                self._start(replica, seq, table, num_cached, num_new, plan)
-                budget -= num_new
+        # A step that had to preempt admits nothing: the pool is already too small. Nor does
+        # a draining replica.
+        replica.deferred_until = None
+        if not preempted and not replica.draining:
+            self._admit(replica, budget, plan, now)
 
         if not (
             scheduled or plan.new_sequences or replica.pending_finished or replica.pending_preempted
@@ -405,6 +469,74 @@ class Scheduler:
             replica.running = [s for s in replica.running if s.status is Status.RUNNING]
         return {owner: out.build() for owner, out in outputs.items()}
 
+    def _admit(self, replica: Replica, budget: int, plan: step_pb2.StepPlan, now: float) -> None:
+        """Admit waiting sequences in queue order while the budget, ``max_num_seqs`` and the
+        blocks last. One that does not fit stops admission (the queue order holds); one left
+        for a replica that caches more of its prefix (prefix affinity) keeps its place, and
+        the next one behind it may be admitted."""
+        cfg = self.config
+        bs = cfg.block_size
+        blocks = replica.blocks
+        running = replica.running
+        passed = 0
+        for seq in self._in_queue_order():
+            if budget <= 0 or len(running) >= cfg.max_num_seqs:
+                break
+            num_tokens = len(seq.token_ids)
+            if seq.request.uses_prefix_cache:
+                hits = blocks.lookup(seq.block_hashes, num_tokens)
+                num_queried = min(len(seq.block_hashes), (num_tokens - 1) // bs)
+            else:
+                hits, num_queried = [], 0
+            if num_queried > len(hits) and self._leave_for_another(replica, seq, len(hits), now):
+                passed += 1
+                if passed >= AFFINITY_LOOKAHEAD:
+                    break
+                continue
+            num_cached = len(hits) * bs
+            num_new = min(num_tokens - num_cached, budget)
+            table = blocks.admit(seq.seq_id, hits, num_cached + num_new, num_queried)
+            if table is None:
+                break
+            self._take_waiting(seq)
+            self._start(replica, seq, table, num_cached, num_new, plan)
+            budget -= num_new
+
+    def _leave_for_another(self, replica: Replica, seq: Sequence, my_hits: int, now: float) -> bool:
+        """Prefix affinity: True when ``seq`` should wait for another replica, one that is
+        live, not draining, caches more of its prefix than ``replica`` (the score: blocks
+        cached) and has room for it (free blocks for the whole of it, fewer than
+        max_num_seqs running) -- for at most ``affinity_wait_s`` from when it was first
+        passed over. Reads the other replicas' prefix indexes; changes none."""
+        cfg = self.config
+        wait = cfg.affinity_wait_s
+        if wait <= 0 or len(self._replicas) < 2:
+            return False
+        since = seq.passed_over_at
+        if since is not None and now - since >= wait:
+            return False  # waited long enough: anyone takes it
+        num_tokens = len(seq.token_ids)
+        need = -(-num_tokens // cfg.block_size)
+        best = my_hits
+        for other in self._replicas.values():
+            if other is replica or other.draining or len(other.running) >= cfg.max_num_seqs:
+                continue
+            hits = other.blocks.lookup(seq.block_hashes, num_tokens)
+            if len(hits) <= best:
+                continue
+            ref_counts = other.blocks.ref_counts
+            hits_now_free = sum(1 for b in hits if ref_counts[b] == 0)
+            if need - len(hits) <= other.blocks.num_free_blocks - hits_now_free:
+                best = len(hits)
+        if best == my_hits:
+            return False
+        if since is None:
+            since = seq.passed_over_at = now
+        until = since + wait
+        if replica.deferred_until is None or until < replica.deferred_until:
+            replica.deferred_until = until
+        return True
+
     # -- reading -------------------------------------------------------------------
 
     @property
@@ -421,24 +553,29 @@ class Scheduler:
     def sequence(self, request_id: str, index: int = 0, owner: str = "") -> Sequence:
         return self._requests[(owner, request_id)].sequences[index]
 
+    @property
+    def num_waiting_tokens(self) -> int:
+        """Tokens of the waiting sequences (prompt, plus output already produced for the
+        ones waiting to resume): what ``max_waiting_tokens`` bounds."""
+        return self._waiting_tokens
+
     def stats(self) -> session_pb2.StatsResponse:
         """Queue lengths, per-replica load and prefix-cache hit rates."""
         queries = sum(r.blocks.queries for r in self._replicas.values())
         hits = sum(r.blocks.hits for r in self._replicas.values())
-        waiting_tokens = sum(
-            len(seq.token_ids) for _, seq in self._waiting if seq.status is Status.WAITING
-        )
         return session_pb2.StatsResponse(
             num_waiting=self._num_waiting,
             num_running=self.num_running,
-            num_waiting_tokens=waiting_tokens,
+            num_waiting_tokens=self._waiting_tokens,
             prefix_cache_hit_rate=hits / queries if queries else 0.0,
             num_preemptions=self.num_preemptions,
             replicas=[
                 session_pb2.ReplicaStats(
                     replica_id=r.replica_id,
                     epoch=r.epoch,
-                    state=session_pb2.ReplicaStats.ACTIVE,
+                    state=session_pb2.ReplicaStats.DRAINING
+                    if r.draining
+                    else session_pb2.ReplicaStats.ACTIVE,
                     num_running=len(r.running),
                     num_blocks=r.blocks.num_blocks,
                     num_free_blocks=r.blocks.num_free_blocks,
@@ -464,10 +601,14 @@ class Scheduler:
                 assert len(r.blocks.tables[seq.seq_id]) * cfg.block_size >= seq.num_computed_tokens
                 r.blocks.check_sequence(seq.seq_id, seq.block_hashes, seq.token_ids)
                 running_ids.add(seq.seq_id)
-        waiting = [s for _, s in self._waiting if s.status is Status.WAITING]
+        waiting = list(self._waiting_seqs())
         assert len(waiting) == len({s.seq_id for s in waiting}) == self._num_waiting
+        assert sum(len(s.token_ids) for s in waiting) == self._waiting_tokens
         for seq in waiting:
             assert seq.replica_id is None and seq.num_computed_tokens == 0
+        deadlines = {id(r) for _, _, r in self._deadlines}
+        for request in self._requests.values():
+            assert not request.deadline_unix_ms or id(request) in deadlines
         assert running_ids | {s.seq_id for s in waiting} == set(self._seqs), (
             "a live sequence is lost"
         )
@@ -485,17 +626,61 @@ class Scheduler:
 
     def _push_waiting(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
-        heapq.heappush(self._waiting, (seq.sort_key, seq))
+        seq.passed_over_at = None
+        entry = seq.queue_entry = self._next_entry
+        self._next_entry += 1
+        heapq.heappush(self._waiting, (seq.sort_key, entry, seq))
         self._num_waiting += 1
+        self._waiting_tokens += len(seq.token_ids)
+
+    def _take_waiting(self, seq: Sequence) -> None:
+        """Take a waiting sequence out of the queue (to admit it); its entry goes stale."""
+        seq.queue_entry = 0
+        self._num_waiting -= 1
+        self._waiting_tokens -= len(seq.token_ids)
+        waiting = self._waiting
+        if waiting and waiting[0][2] is seq:
+            heapq.heappop(waiting)
 
     def _peek_waiting(self) -> Sequence | None:
         waiting = self._waiting
         while waiting:
-            seq = waiting[0][1]
-            if seq.status is Status.WAITING:
+            _, entry, seq = waiting[0]
+            if seq.status is Status.WAITING and seq.queue_entry == entry:
                 return seq
-            heapq.heappop(waiting)  # aborted while waiting
+            heapq.heappop(waiting)  # stale: aborted, or admitted from behind the head
         return None
+
+    def _waiting_seqs(self) -> Iterator[Sequence]:
+        """Every waiting sequence, in no particular order."""
+        for _, entry, seq in self._waiting:
+            if seq.status is Status.WAITING and seq.queue_entry == entry:
+                yield seq
+
+    def _in_queue_order(self) -> Iterator[Sequence]:
+        """Waiting sequences in queue order, for admission: the heap's head while each one
+        is taken; once one is left waiting (prefix affinity), a sorted copy of the rest."""
+        while (seq := self._peek_waiting()) is not None:
+            yield seq
+            if seq.status is Status.WAITING:
+                break
+        else:
+            return
+        passed = seq
+        for _, entry, later in sorted(self._waiting):
+            live = later.status is Status.WAITING and later.queue_entry == entry
+            if live and later is not passed:
+                yield later
+
+    def _push_deadline(self, request: Request) -> None:
+        heap = self._deadlines
+        if len(heap) > 64 and len(heap) > 2 * len(self._requests):
+            # Mostly requests that ended before their deadline: drop those entries.
+            requests = self._requests
+            heap[:] = [e for e in heap if requests.get(e[2].key) is e[2]]
+            heapq.heapify(heap)
+        first = request.sequences[0].seq_id
+        heapq.heappush(heap, (request.deadline_unix_ms, first, request))
 
     def _start(
         self,
@@ -565,6 +750,7 @@ class Scheduler:
                 replica.running.remove(seq)
         elif seq.status is Status.WAITING:
             self._num_waiting -= 1  # its heap entry is skipped later
+            self._waiting_tokens -= len(seq.token_ids)
         seq.status = Status.FINISHED
         seq.replica_id = None
         del self._seqs[seq.seq_id]

@@ -38,6 +38,8 @@ class Request:
     uses_prefix_cache: bool = True
     lora_id: str = ""
     structured_output: common_pb2.StructuredOutput | None = None
+    # Unix time in milliseconds after which the request is aborted (0: none).
+    deadline_unix_ms: int = 0
     sequences: list[Sequence] = field(default_factory=list)
     num_unfinished: int = 0
 
@@ -70,6 +72,11 @@ class Sequence:
     num_cached_tokens: int = 0
     admitted_once: bool = False
     num_preemptions: int = 0
+    # Which entry of the waiting heap is this sequence's live one (older entries are stale).
+    queue_entry: int = 0
+    # When a replica first left it for another replica that caches more of its prefix
+    # (prefix affinity), in this stay in the queue; None: never passed over.
+    passed_over_at: float | None = None
 
     @property
     def num_tokens(self) -> int:

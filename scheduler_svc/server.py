@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--host",
         default=env("PAGODA_SCHEDULER_HOST", "127.0.0.1"),
-        help="address of all three ports; env PAGODA_SCHEDULER_HOST (default: %(default)s)",
+        help="address of all its ports; env PAGODA_SCHEDULER_HOST (default: %(default)s)",
     )
     # String defaults from the environment go through `type`, so a bad value is a usage error.
     net.add_argument(
@@ -67,6 +67,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("PAGODA_SCHEDULER_HTTP_PORT", 8001),
         help="port of /health /ready /metrics, 0: any free port; "
         "env PAGODA_SCHEDULER_HTTP_PORT (default: %(default)s)",
+    )
+    net.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=env("PAGODA_KV_EVENTS_PORT") or None,
+        help="ZeroMQ PUB port of prefix-cache events for KV-aware routers (docs/prefix-cache.md),"
+        " 0: any free port; unset: none published; env PAGODA_KV_EVENTS_PORT "
+        "(default: %(default)s)",
+    )
+    net.add_argument(
+        "--kv-snapshot-port",
+        type=int,
+        default=env("PAGODA_KV_SNAPSHOT_PORT") or None,
+        help="ZeroMQ ROUTER port answering prefix-cache snapshot requests; unset: "
+        "--kv-events-port + 1 (any free port when that is 0); env PAGODA_KV_SNAPSHOT_PORT "
+        "(default: %(default)s)",
     )
     net.add_argument(
         "--shared-secret",
@@ -125,6 +141,42 @@ def _add_policy_arguments(group: argparse._ArgumentGroup) -> None:
         default=None,
         help="seeds the seeds drawn for requests that carry none; unset: from the OS",
     )
+    _add_limit_arguments(group)
+
+
+def _add_limit_arguments(group: argparse._ArgumentGroup) -> None:
+    """The bounded queue, the default deadline and prefix affinity (env fallbacks)."""
+    env = os.environ.get
+    group.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=env("PAGODA_MAX_WAITING_REQUESTS", 1024),
+        help="most sequences waiting in the queue (a request with n samples counts n); "
+        "past it a submit is refused at once (429 / RESOURCE_EXHAUSTED); 0: unbounded; "
+        "env PAGODA_MAX_WAITING_REQUESTS (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-waiting-tokens",
+        type=int,
+        default=env("PAGODA_MAX_WAITING_TOKENS", 1_048_576),
+        help="most prompt tokens of the waiting sequences; past it a submit is refused at "
+        "once; 0: unbounded; env PAGODA_MAX_WAITING_TOKENS (default: %(default)s)",
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=float,
+        default=env("PAGODA_REQUEST_TIMEOUT", 0.0),
+        help="seconds a request without a deadline of its own may take before it is aborted; "
+        "0: no limit; env PAGODA_REQUEST_TIMEOUT (default: %(default)s)",
+    )
+    group.add_argument(
+        "--affinity-wait-ms",
+        type=float,
+        default=env("PAGODA_AFFINITY_WAIT_MS", 200.0),
+        help="longest a request waits for the replica that caches most of its prefix while "
+        "another replica could take it; 0: off; env PAGODA_AFFINITY_WAIT_MS "
+        "(default: %(default)s)",
+    )
 
 
 def _add_liveness_arguments(group: argparse._ArgumentGroup) -> None:
@@ -163,6 +215,9 @@ def build(args: argparse.Namespace) -> tuple[ModelCard, SchedulerConfig, Service
         policy=args.policy,
         enable_prefix_caching=args.prefix_caching,
         seed=args.seed,
+        max_waiting_requests=args.max_waiting_requests or None,
+        max_waiting_tokens=args.max_waiting_tokens or None,
+        affinity_wait_s=args.affinity_wait_ms / 1000,
     )
     settings = ServiceSettings(
         host=args.host,
@@ -175,6 +230,9 @@ def build(args: argparse.Namespace) -> tuple[ModelCard, SchedulerConfig, Service
         step_timeout_s=args.step_timeout,
         stall_timeout_s=args.stall_timeout,
         drain_grace_s=args.drain_grace,
+        request_timeout_s=args.request_timeout,
+        kv_events_port=args.kv_events_port,
+        kv_snapshot_port=args.kv_snapshot_port,
     )
     return card, config, settings
 

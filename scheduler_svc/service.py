@@ -27,6 +27,7 @@ from pagoda.model_card import ModelCard
 from pagoda.probes import ProbeServer
 from pagoda.v1 import session_pb2, session_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.kv_events import KvEventPublisher
 from scheduler_svc.metrics import SchedulerMetrics, Snapshot
 from scheduler_svc.registration import Expected
 from scheduler_svc.scheduler import Scheduler
@@ -64,14 +65,24 @@ class Addresses:
     grpc_port: int
     step_port: int
     http_port: int
+    # The prefix-cache event and snapshot ports, when published.
+    kv_events_port: int | None = None
+    kv_snapshot_port: int | None = None
 
     def listening_line(self) -> str:
         """The one line tools parse to find the scheduler; keep its format."""
         h = self.host
-        return (
+        line = (
             f"scheduler listening grpc={host_port(h, self.grpc_port)} "
             f"step={host_port(h, self.step_port)} http={host_port(h, self.http_port)}"
         )
+        if self.kv_events_port is not None and self.kv_snapshot_port is not None:
+            # Appended only, so parsers of the three ports above still match.
+            line += (
+                f" kv_events={host_port(h, self.kv_events_port)}"
+                f" kv_snapshot={host_port(h, self.kv_snapshot_port)}"
+            )
+        return line
 
 
 class SchedulerService:
@@ -84,13 +95,22 @@ class SchedulerService:
         model.max_model_len = config.max_model_len
         self.metrics = SchedulerMetrics(card.name, config.block_size, config.enable_prefix_caching)
         self.sessions = SessionHub(
-            self.core, model, self._wake, self.stats, settings.session_queue_size
+            self.core,
+            model,
+            self._wake,
+            self.stats,
+            settings.session_queue_size,
+            request_timeout_s=settings.request_timeout_s,
         )
         expected = Expected(
             card.identity, config.block_size, config.max_model_len, settings.shared_secret
         )
         self.workers = WorkerHub(
             self.core, settings, expected, self.sessions.deliver, self._on_step
+        )
+        kv_ports = settings.kv_ports
+        self.kv_events = (
+            KvEventPublisher(self.core, settings.host, *kv_ports) if kv_ports is not None else None
         )
         self.health = health.aio.HealthServicer()
         self.draining = False
@@ -112,6 +132,7 @@ class SchedulerService:
         self._loop = asyncio.get_running_loop()
         s = self.settings
         step_port = self.workers.bind()
+        kv_ports = self.kv_events.bind() if self.kv_events is not None else (None, None)
         self._server = grpc.aio.server(options=GRPC_OPTIONS)
         session_pb2_grpc.add_SchedulerServicer_to_server(self.sessions, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -133,11 +154,13 @@ class SchedulerService:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.workers.start()
+        if self.kv_events is not None:
+            self.kv_events.start()
         self._ticker = asyncio.create_task(self._tick_loop(), name="tick")
         self.refresh_metrics()
         self._probes.start()
         self._serving = True
-        return Addresses(s.host, grpc_port, step_port, self._probes.port)
+        return Addresses(s.host, grpc_port, step_port, self._probes.port, *kv_ports)
 
     async def serve(self) -> None:
         """Run until ``request_stop``, then drain and close."""
@@ -185,6 +208,8 @@ class SchedulerService:
         if self._server is not None:
             await self._server.stop(grace=2.0)
         await self.workers.close()
+        if self.kv_events is not None:
+            await self.kv_events.close()
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
@@ -225,10 +250,21 @@ class SchedulerService:
         while True:
             await asyncio.sleep(TICK_S)
             now = self._tick = time.monotonic()
+            self._expire()
             stalled = self._judge_stall(now)
             if stalled != self.stalled:
                 self.stalled = stalled
                 await self._set_health(stalled)
+
+    def _expire(self) -> None:
+        """End the requests past their deadline (a gateway that is gone cannot abort them)."""
+        expired = self.core.expire(int(time.time() * 1000))
+        if expired:
+            self.sessions.deliver(
+                {owner: session_pb2.StepOutputs(finished=fins) for owner, fins in expired.items()}
+            )
+            log.info("%d sequences past their deadline aborted", sum(map(len, expired.values())))
+            self._wake()
 
     def _judge_stall(self, now: float) -> bool:
         """Stalled: work pending on live replicas and no step completed for the timeout."""

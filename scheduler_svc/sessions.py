@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from pagoda.v1 import PROTOCOL_VERSION, common_pb2, session_pb2, session_pb2_grpc
-from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.scheduler import QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ OPEN_TIMEOUT_S = 30.0
 # What a submit rejected while draining advises: the replacement scheduler (or this one,
 # restarted) is usually there by then, and the gateway answers 503 meanwhile.
 DRAINING_RETRY_AFTER_S = 1
+# What a submit refused by a full queue advises: a queue of requests a few seconds long
+# moves by many requests a second, so a short wait is a fair first guess.
+QUEUE_FULL_RETRY_AFTER_S = 1
 
 Status = tuple[grpc.StatusCode, str]
 Update = session_pb2.SchedulerUpdate
@@ -56,8 +59,11 @@ class SessionHub(session_pb2_grpc.SchedulerServicer):
         wake: Callable[[], None],
         stats: Callable[[], session_pb2.StatsResponse],
         queue_size: int,
+        request_timeout_s: float = 0.0,
     ):
         self._core = core
+        # Applied to submits that carry no deadline of their own; 0: none.
+        self._request_timeout_ms = int(request_timeout_s * 1000)
         self._model = model
         self._wake = wake
         self._stats = stats
@@ -206,8 +212,19 @@ class SessionHub(session_pb2_grpc.SchedulerServicer):
                 DRAINING_RETRY_AFTER_S,
             )
             return
+        if not submit.deadline_unix_ms and self._request_timeout_ms:
+            submit.deadline_unix_ms = int(time.time() * 1000) + self._request_timeout_ms
         try:
             self._core.add(submit, time.monotonic(), session.session_id)
+        except QueueFull as exc:
+            self._reject(
+                session,
+                submit.request_id,
+                session_pb2.Rejected.QUEUE_FULL,
+                str(exc),
+                QUEUE_FULL_RETRY_AFTER_S,
+            )
+            return
         except ValueError as exc:
             self._reject(session, submit.request_id, session_pb2.Rejected.INVALID, str(exc))
             return

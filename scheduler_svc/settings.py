@@ -1,4 +1,5 @@
-"""Settings of the scheduler service shell: addresses, liveness timings, drain grace.
+"""Settings of the scheduler service shell: addresses, liveness timings, drain grace,
+the default request timeout.
 
 The policy's own settings live in ``scheduler_svc.config.SchedulerConfig``; these are
 the ones only a process with sockets needs.
@@ -29,7 +30,13 @@ class ServiceSettings:
     step_timeout_s: float = 60.0
     stall_timeout_s: float = 30.0
     drain_grace_s: float = 30.0
+    # A deadline for submits that carry none, in seconds from their arrival; 0: none.
+    request_timeout_s: float = 0.0
     session_queue_size: int = DEFAULT_SESSION_QUEUE_SIZE
+    # Prefix-cache events (scheduler_svc.kv_events): None publishes none, 0 is any free port.
+    kv_events_port: int | None = None
+    # The snapshot port; None: kv_events_port + 1 (any free port when that is 0).
+    kv_snapshot_port: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "step_port", "http_port"):
@@ -46,8 +53,9 @@ class ServiceSettings:
         for name in ("step_timeout_s", "stall_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.drain_grace_s < 0:
-            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+        for name in ("drain_grace_s", "request_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.session_queue_size < 1:
             raise ValueError("session_queue_size must be >= 1")
         if not self.shared_secret and not is_loopback(self.host):
@@ -55,6 +63,22 @@ class ServiceSettings:
                 f"binding the step port on {self.host} (beyond loopback) needs a shared secret: "
                 "pass --shared-secret or set PAGODA_SHARED_SECRET"
             )
+        if self.kv_snapshot_port is not None and self.kv_events_port is None:
+            raise ValueError("kv_snapshot_port needs kv_events_port (the events' port)")
+        kv_ports = self.kv_ports
+        if kv_ports is not None:
+            for name, port in zip(("kv_events_port", "kv_snapshot_port"), kv_ports, strict=True):
+                if not 0 <= port <= 65535:
+                    raise ValueError(f"{name} must be in 0..65535, got {port}")
+
+    @property
+    def kv_ports(self) -> tuple[int, int] | None:
+        """(events, snapshot) ports of the prefix-cache events, or None when not published."""
+        if self.kv_events_port is None:
+            return None
+        if self.kv_snapshot_port is not None:
+            return self.kv_events_port, self.kv_snapshot_port
+        return self.kv_events_port, (self.kv_events_port + 1 if self.kv_events_port else 0)
 
 
 def is_loopback(host: str) -> bool:

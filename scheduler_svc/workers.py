@@ -4,9 +4,16 @@ One receive task reads every frame of the ROUTER and dispatches it (Hello, StepR
 Heartbeat, Drain); one step loop per replica turns ``schedule`` into a plan, awaits
 that plan's result and turns ``update`` into per-session outputs; one watch task
 declares dead the replicas that stop beating or whose step runs past the step
-timeout. Everything runs on the service's event loop, so the core is never touched
-from two places at once. A replica with nothing to run sleeps on its wake event
-instead of polling: every submit, abort, finish, join and leave sets it.
+timeout, and ends the grace period of draining ones. Everything runs on the service's
+event loop, so the core is never touched from two places at once. A replica with
+nothing to run sleeps on its wake event instead of polling: every submit, abort,
+finish, join and leave sets it (and a timer, while it leaves a request to another
+replica for prefix affinity, so it takes that request once the wait is over).
+
+A worker that sends ``Drain`` with a grace period keeps its replica: the replica
+admits nothing new and runs what it holds; once it holds nothing, or when the grace
+period is over (what is left is re-queued), it leaves and its worker gets
+``Reset{reason: "drained"}``, its cue to exit.
 
 Sends use ``NOBLOCK`` on a ``ROUTER_MANDATORY`` socket: a vanished or stuck peer is an
 error at once, never a step loop that waits on a dead worker.
@@ -15,6 +22,7 @@ error at once, never a step loop that waits on a dead worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -31,6 +39,9 @@ from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+
+# The reason of the Reset that releases a draining worker.
+DRAINED = "drained"
 
 Deliver = Callable[[dict[str, session_pb2.StepOutputs]], None]
 OnStep = Callable[[float], None]
@@ -148,7 +159,7 @@ class WorkerHub:
             self._send(identity, step_pb2.SchedulerMessage(refusal=refusal))
             return
         old = self.table.by_worker.get(hello.worker_id)
-        if old is not None and old.state == ACTIVE:
+        if old is not None and self.table.live.get(old.replica_id) is old:
             self._end(old, None, "its worker registered again")
         self._reset_sent.pop(hello.worker_id, None)
         replica_id = next(self._replica_ids)
@@ -194,7 +205,9 @@ class WorkerHub:
         handle = self.table.by_worker.get(beat.worker_id)
         if handle is not None and handle.state in (ACTIVE, DRAINING):
             handle.last_seen = time.monotonic()
-        active = handle if handle is not None and handle.state == ACTIVE else None
+        # Live: taking work, or draining and still running what it holds.
+        live = handle is not None and self.table.live.get(handle.replica_id) is handle
+        active = handle if live else None
         answer = step_pb2.Heartbeat(
             replica_id=active.replica_id if active else 0,
             epoch=active.epoch if active else 0,
@@ -213,9 +226,23 @@ class WorkerHub:
             )
 
     def _on_drain(self, drain: step_pb2.Drain) -> None:
+        """The worker is shutting down. Without a grace period its replica leaves at once
+        (sequences re-queued); with one, it runs what it holds and takes nothing new."""
         handle = self.table.by_worker.get(drain.worker_id)
-        if handle is not None and handle.state == ACTIVE:
+        if handle is None or handle.state != ACTIVE:
+            return
+        if not drain.grace_ms:
             self._end(handle, DRAINING, "its worker is shutting down")
+            return
+        rid = handle.replica_id
+        self._core.drain(rid)
+        handle.state = DRAINING
+        handle.drain_deadline = time.monotonic() + drain.grace_ms / 1000
+        log.info(
+            "replica %d (worker %s) draining: %d sequences running, grace %.1fs",
+            rid, handle.worker_id, len(self._core.replica(rid).running), drain.grace_ms / 1000,
+        )  # fmt: skip
+        handle.wake.set()  # an idle one leaves at once
 
     # -- the step loop ---------------------------------------------------------------
 
@@ -236,9 +263,12 @@ class WorkerHub:
         rid = handle.replica_id
         while True:
             handle.wake.clear()
+            if handle.state == DRAINING and not core.replica(rid).running:
+                self._release(handle, "drained: nothing left to run")
+                return
             plan = core.schedule(rid, time.monotonic())
             if plan is None:
-                await handle.wake.wait()
+                await self._idle(handle)
                 continue
             pending = handle.pending = loop.create_future()
             handle.step_in_flight = plan.step
@@ -250,6 +280,16 @@ class WorkerHub:
             handle.pending = handle.step_started = None
             if not self._apply(handle, result, time.monotonic() - started):
                 return
+
+    async def _idle(self, handle: ReplicaHandle) -> None:
+        """Sleep until woken, or until a request this replica left for another one (prefix
+        affinity) is its to take."""
+        until = self._core.replica(handle.replica_id).deferred_until
+        if until is None:
+            await handle.wake.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(handle.wake.wait(), max(0.0, until - time.monotonic()))
 
     def _apply(self, handle: ReplicaHandle, result: step_pb2.StepResult, seconds: float) -> bool:
         """Apply one result; False when the replica was reset instead."""
@@ -282,6 +322,9 @@ class WorkerHub:
                 quiet = now - handle.last_seen
                 if quiet > silence:
                     self._end(handle, DEAD, f"no heartbeat for {quiet:.1f}s", tell=True)
+                elif handle.drain_deadline is not None and now >= handle.drain_deadline:
+                    left = len(self._core.replica(handle.replica_id).running)
+                    self._release(handle, f"drain grace over, {left} sequences re-queued")
                 elif (
                     handle.step_started is not None
                     and now - handle.step_started > settings.step_timeout_s
@@ -289,6 +332,13 @@ class WorkerHub:
                     why = f"step {handle.step_in_flight} ran past {settings.step_timeout_s:g}s"
                     self._end(handle, DEAD, why, tell=True)
             self.table.prune(now, silence)
+
+    def _release(self, handle: ReplicaHandle, why: str) -> None:
+        """A draining replica is done (or out of time): it leaves, and its worker is told
+        it may exit."""
+        key = (handle.replica_id, handle.epoch)
+        self._end(handle, DRAINING, why)
+        self._tell_to_register(handle.worker_id, handle.identity, key, DRAINED)
 
     def _reset(self, handle: ReplicaHandle, why: str) -> None:
         """Take a replica out and tell its worker to drop its state and register again."""
@@ -300,7 +350,7 @@ class WorkerHub:
         ``state`` DRAINING or DEAD keeps it listed in Stats; None forgets it. ``tell``
         sends its worker a Reset, so one that is merely slow comes back as a new replica.
         """
-        if handle.state != ACTIVE or handle.replica_id not in self.table.live:
+        if self.table.live.get(handle.replica_id) is not handle:
             return
         self._core.leave(handle.replica_id)
         self.table.end(handle, state, time.monotonic())

@@ -180,6 +180,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     add(
+        "--drain-grace",
+        type=float,
+        default=float(env("PAGODA_DRAIN_GRACE", "30")),
+        metavar="SECONDS",
+        help="after SIGTERM, how long the worker keeps running the sequences it holds (the "
+        "scheduler sends it nothing new) before the rest move to other replicas "
+        "(env PAGODA_DRAIN_GRACE) (default: %(default)s)",
+    )
+    add(
         "--threads",
         type=int,
         default=default_threads(),
@@ -238,6 +247,7 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
         shared_secret=given(args.shared_secret) or os.environ.get("PAGODA_SHARED_SECRET", ""),
         http_host=args.http_host,
         http_port=args.http_port,
+        drain_grace_s=max(0.0, args.drain_grace),
     )
 
 

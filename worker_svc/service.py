@@ -21,6 +21,13 @@ Both DEALERs queue messages only to a live connection (``IMMEDIATE``): a result 
 beat meant for a scheduler that died is worthless to the next one, and a pile of
 queued Hellos would make a restarted scheduler register the worker many times over.
 Torch-free, so the process can set its thread count before torch loads.
+
+Leaving (SIGTERM) is a graceful drain: the worker finishes the step in hand, sends
+``Drain{grace_ms}`` and keeps running plans, while the scheduler admits nothing new to
+it, until the scheduler releases it with a ``Reset`` (its sequences are done, or the
+grace period is over and the rest went back to the queue); then it exits 0. It exits 0
+by itself when no release comes within the grace period and a margin, when the
+scheduler falls silent, or on a second signal.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ HELLO_RESEND_S = 0.2
 POLL_S = 0.1
 LOOP_STALL_S = 30.0
 STEP_HANG_S = 600.0
+# A draining worker waits this long past its grace period for the scheduler's release.
+DRAIN_MARGIN_S = 5.0
 # Transport-level keepalive of both DEALERs (see _dealer).
 ZMTP_PING_MS = 2000
 ZMTP_TIMEOUT_MS = 6000
@@ -96,8 +105,10 @@ class WorkerSettings:
     # After a non-fatal Refusal, Hello again after this long, doubling up to the maximum.
     hello_backoff_s: float = 0.5
     hello_backoff_max_s: float = 10.0
-    # How long closing a socket may wait to deliver what is queued (the Drain).
+    # How long closing a socket may wait to deliver what is queued (the last result).
     linger_ms: int = 1000
+    # After SIGTERM: how long the worker keeps running the sequences it holds.
+    drain_grace_s: float = 30.0
 
 
 def endpoint(address: str) -> str:
@@ -233,6 +244,7 @@ class WorkerService:
         self.settings = settings
         self.metrics = WorkerMetrics()
         self._stop = threading.Event()
+        self._force = threading.Event()  # a second stop: leave without waiting
         self._link = _Link(
             interval_s=settings.heartbeat_interval_s, timeout_s=settings.heartbeat_timeout_s
         )
@@ -257,7 +269,10 @@ class WorkerService:
         return s.http_host, self._probes.port
 
     def stop(self) -> None:
-        """Ask the worker to finish its step, drain and exit (signal-safe: sets a flag)."""
+        """Ask the worker to finish its step, drain and exit (signal-safe: sets a flag);
+        a second call ends the drain at once."""
+        if self._stop.is_set():
+            self._force.set()
         self._stop.set()
 
     def close(self) -> None:
@@ -279,7 +294,7 @@ class WorkerService:
         try:
             code = self._loop(sock, monitor, runner, info)
             if code == 0:
-                self._drain(sock)
+                self._drain(sock, monitor, runner)
             return code
         finally:
             self._serving = False
@@ -348,14 +363,7 @@ class WorkerService:
     def _check_connection(self, monitor: zmq.Socket, runner: Runner) -> None:
         """A dropped connection: a restarted scheduler knows nothing of this worker (even if
         it answers heartbeats), so Hello again as soon as the DEALER has reconnected."""
-        dropped = False
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            dropped |= event["event"] == zmq.EVENT_DISCONNECTED
-        if dropped:
+        if _dropped(monitor):
             log.warning(
                 "worker %s lost its connection to the scheduler: saying hello again",
                 self.settings.worker_id,
@@ -473,13 +481,55 @@ class WorkerService:
         self.metrics.running_sequences.set(0)
         self._hello_due = hello_at
 
-    def _drain(self, sock: zmq.Socket) -> None:
+    def _drain(self, sock: zmq.Socket, monitor: zmq.Socket, runner: Runner) -> None:
+        """Tell the scheduler, then run its plans until it releases this worker (a Reset),
+        the grace period and a margin are over, it falls silent, or a second stop comes."""
         s = self.settings
-        drain = step_pb2.Drain(worker_id=s.worker_id, grace_ms=0)
+        registered = self._registered
+        grace_ms = round(s.drain_grace_s * 1000) if registered else 0
+        drain = step_pb2.Drain(worker_id=s.worker_id, grace_ms=grace_ms)
         sent = self._send(sock, step_pb2.WorkerMessage(drain=drain), quiet=True)
+        if not sent or not grace_ms:
+            self._leave()
+            why = "scheduler unreachable" if not sent else "nothing to hand back"
+            log.info("worker %s draining (%s): exiting", s.worker_id, why)
+            return
+        log.info(
+            "worker %s draining: running its sequences for up to %gs", s.worker_id, s.drain_grace_s
+        )
+        assert self._heartbeat is not None
+        deadline = time.monotonic() + s.drain_grace_s + DRAIN_MARGIN_S
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        why = f"no release within {s.drain_grace_s + DRAIN_MARGIN_S:g}s"
+        while time.monotonic() < deadline:
+            self._main_tick = time.monotonic()
+            if self._force.is_set():
+                why = "stopped again"
+                break
+            if self._heartbeat.silence.is_set():
+                why = "the scheduler fell silent"
+                break
+            events = dict(poller.poll(POLL_S * 1000))
+            if monitor in events and _dropped(monitor):
+                why = "the connection to the scheduler dropped"
+                break
+            if sock not in events:
+                continue
+            msg = _parse(sock.recv_multipart())
+            kind = msg.WhichOneof("kind") if msg is not None else None
+            if kind == "plan":
+                self._send(sock, step_pb2.WorkerMessage(result=self._step(runner, msg.plan)))
+            elif kind == "reset":
+                why = f"released by the scheduler: {msg.reset.reason}"
+                break
+        self._leave()
+        log.info("worker %s drained (%s): exiting", s.worker_id, why)
+
+    def _leave(self) -> None:
         self._registered = False
         self.metrics.registered.set(0)
-        log.info("worker %s draining%s", s.worker_id, "" if sent else " (scheduler unreachable)")
 
     def _send(self, sock: zmq.Socket, msg: step_pb2.WorkerMessage, *, quiet: bool = False) -> bool:
         """Send without blocking; False when no scheduler is connected (nothing is queued)."""
@@ -493,6 +543,17 @@ class WorkerService:
                     self.settings.worker_id, msg.WhichOneof("kind"),
                 )  # fmt: skip
             return False
+
+
+def _dropped(monitor: zmq.Socket) -> bool:
+    """Read the monitor's events; True when the connection dropped among them."""
+    dropped = False
+    while True:
+        try:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return dropped
+        dropped |= event["event"] == zmq.EVENT_DISCONNECTED
 
 
 def _dealer(ctx: zmq.Context, address: str, identity: str) -> zmq.Socket:

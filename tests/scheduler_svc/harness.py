@@ -54,6 +54,7 @@ class Cluster:
         owner: str = "",
         priority: int = 0,
         cache_salt: str = "",
+        deadline_unix_ms: int = 0,
     ) -> None:
         params = params or SamplingParams(max_tokens=8, ignore_eos=True)
         self.now += 0.001
@@ -63,6 +64,7 @@ class Cluster:
             sampling=params.to_proto(),
             priority=priority,
             cache_salt=cache_salt,
+            deadline_unix_ms=deadline_unix_ms,
         )
         self.scheduler.add(submit, self.now, owner)
         for i in range(params.n):

@@ -230,8 +230,9 @@ class StepWorker:
 
     Switches: ``corrupt_next_step`` (the runner then sees a step gap and refuses it),
     ``hang`` / ``resume`` (the main loop stops reading; heartbeats go on), ``drain``
-    (Drain, then both stop, as on SIGTERM), ``kill`` (both stop, silently, as a
-    crashed process would).
+    (Drain without a grace period, then both stop), ``drain(grace_ms)`` (Drain with one:
+    it keeps running plans until a Reset releases it, then both stop, as the worker does
+    on SIGTERM), ``kill`` (both stop, silently, as a crashed process would).
     """
 
     def __init__(
@@ -254,6 +255,9 @@ class StepWorker:
         self.corrupt_next_step = False
         self._hanging = threading.Event()
         self._draining = threading.Event()
+        self._drain_grace_ms = 0
+        self._drain_sent = False
+        self.released = threading.Event()  # the Reset that ended a graceful drain came
         self._halt = threading.Event()
         self._halt_beats = threading.Event()
         self._replica = (0, 0)
@@ -280,9 +284,11 @@ class StepWorker:
     def resume(self) -> None:
         self._hanging.clear()
 
-    def drain(self) -> None:
+    def drain(self, grace_ms: int = 0) -> None:
+        self._drain_grace_ms = grace_ms
         self._draining.set()
-        self._threads[0].join(timeout=10)
+        if not grace_ms:
+            self._threads[0].join(timeout=10)
 
     def kill(self) -> None:
         if self._halt.is_set():
@@ -313,11 +319,14 @@ class StepWorker:
         try:
             self._send_hello(sock)
             while not self._halt.is_set():
-                if self._draining.is_set():
-                    drain = step_pb2.Drain(worker_id=self.worker_id)
+                if self._draining.is_set() and not self._drain_sent:
+                    grace = self._drain_grace_ms
+                    drain = step_pb2.Drain(worker_id=self.worker_id, grace_ms=grace)
                     sock.send(step_pb2.WorkerMessage(drain=drain).SerializeToString())
-                    self._halt_beats.set()
-                    break
+                    self._drain_sent = True
+                    if not grace:
+                        self._halt_beats.set()
+                        break
                 if self._hanging.is_set() or not sock.poll(20):
                     time.sleep(0.01 if self._hanging.is_set() else 0)
                     continue
@@ -354,6 +363,10 @@ class StepWorker:
             return not msg.refusal.fatal
         elif kind == "reset":
             self.resets.append(msg.reset)
+            if self._drain_sent:  # released: the worker exits
+                self._halt_beats.set()
+                self.released.set()
+                return False
             self.runner.reset(0, 0)
             self._replica = (0, 0)
             self._send_hello(sock)

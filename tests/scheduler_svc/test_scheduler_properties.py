@@ -1,4 +1,5 @@
-"""Random interleavings of add / abort / finish / join / leave / reset / step.
+"""Random interleavings of add / abort / finish / expire / join / leave / reset / drain /
+step, with the clock moving, prefix affinity on or off and the queue bounded or not.
 
 After every operation the scheduler's invariants hold (check_invariants, run by the
 harness after each step and by the invariant below), no plan exceeds the token or
@@ -14,7 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pagoda.sampling_params import SamplingParams
+from pagoda.v1 import session_pb2
 from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.scheduler import QueueFull
 from tests.scheduler_svc.harness import Cluster
 
 # A few shared prefixes make prefix-cache hits, shared blocks and evictions common.
@@ -29,8 +32,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_num_seqs=st.integers(1, 6),
         policy=st.sampled_from(["fcfs", "priority"]),
         caching=st.booleans(),
+        affinity=st.sampled_from([0.0, 0.005, 1.0, 1.0]),
+        bounds=st.sampled_from([(None, None)] * 3 + [(4, None), (None, 60), (8, 90)]),
     )
-    def setup(self, block_size, max_model_len, budget, max_num_seqs, policy, caching):
+    def setup(
+        self, block_size, max_model_len, budget, max_num_seqs, policy, caching, affinity, bounds
+    ):
         cfg = SchedulerConfig(
             max_model_len=max_model_len,
             block_size=block_size,
@@ -40,6 +47,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             policy=policy,
             enable_prefix_caching=caching,
             seed=0,
+            max_waiting_requests=bounds[0],
+            max_waiting_tokens=bounds[1],
+            affinity_wait_s=affinity,
         )
         # A small vocabulary: EOS (0 and 1) comes up now and then.
         self.cluster = Cluster(cfg, vocab_size=40)
@@ -47,6 +57,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.requests: dict[tuple[str, str], tuple[list[int], SamplingParams]] = {}
         self.cut_short: set[tuple[str, str, int]] = set()  # aborted or finished by the gateway
         self.counter = 0
+        self.clock_ms = 0
 
     # -- membership ----------------------------------------------------------------
 
@@ -59,6 +70,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def leave(self, data):
         self.cluster.leave(data.draw(st.sampled_from(sorted(self.cluster.workers))))
+
+    @precondition(lambda self: self.cluster.workers)
+    @rule(data=st.data())
+    def drain(self, data):
+        self.cluster.scheduler.drain(data.draw(st.sampled_from(sorted(self.cluster.workers))))
+
+    @rule(seconds=st.sampled_from([0.001, 0.01, 2.0]))
+    def tick(self, seconds):
+        self.cluster.now += seconds
 
     @precondition(lambda self: self.cluster.workers)
     @rule(data=st.data())
@@ -78,8 +98,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         ignore_eos=st.booleans(),
         priority=st.integers(-2, 2),
         owner=st.sampled_from(["", "gw"]),
+        deadline=st.sampled_from([0, 0, 5, 50]),
     )
-    def add(self, prefix, suffix, n, max_tokens, min_tokens, ignore_eos, priority, owner):
+    def add(self, prefix, suffix, n, max_tokens, min_tokens, ignore_eos, priority, owner, deadline):
         prompt = (prefix + suffix)[: self.cluster.config.max_model_len] or [7]
         if max_tokens is not None:
             min_tokens = min(min_tokens, max_tokens)
@@ -88,8 +109,36 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         rid = f"r{self.counter}"
         self.counter += 1
-        self.cluster.submit(rid, prompt, params, owner=owner, priority=priority)
+        scheduler = self.cluster.scheduler
+        before = (scheduler.num_waiting, scheduler.num_waiting_tokens)
+        try:
+            self.cluster.submit(
+                rid,
+                prompt,
+                params,
+                owner=owner,
+                priority=priority,
+                deadline_unix_ms=self.clock_ms + deadline if deadline else 0,
+            )
+        except QueueFull:
+            assert (scheduler.num_waiting, scheduler.num_waiting_tokens) == before
+            cfg = self.cluster.config
+            full_of_seqs = before[0] + n > (cfg.max_waiting_requests or before[0] + n)
+            full_of_tokens = before[1] + n * len(prompt) > (cfg.max_waiting_tokens or 2**62)
+            assert full_of_seqs or full_of_tokens
+            return
+        except ValueError:  # a request too large for the queue however empty
+            assert (scheduler.num_waiting, scheduler.num_waiting_tokens) == before
+            return
         self.requests[(owner, rid)] = (prompt, params)
+
+    @rule(ms=st.integers(1, 30))
+    def expire(self, ms):
+        self.clock_ms += ms
+        for owner, records in self.cluster.scheduler.expire(self.clock_ms).items():
+            self.cluster.deliver(owner, session_pb2.StepOutputs(finished=records))
+            for fin in records:
+                self.cut_short.add((owner, fin.request_id, fin.index))
 
     @precondition(lambda self: self.requests)
     @rule(data=st.data())
@@ -134,7 +183,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not hasattr(self, "cluster"):
             return
         cluster = self.cluster
-        if not cluster.workers:
+        scheduler = cluster.scheduler
+        if all(scheduler.replica(r).draining for r in cluster.workers):
             cluster.join(9, self.min_blocks)
         cluster.run()
         self.check_streams(complete=True)

@@ -1,8 +1,9 @@
 """The worker service as a real process on real sockets, driven by a scripted scheduler.
 
 One worker process serves most tests; each test registers it afresh (Reset, Hello,
-Welcome) so the tests do not depend on each other's state. Leaving (SIGTERM) and fatal
-refusals end a process, so they start their own.
+Welcome) so the tests do not depend on each other's state. Leaving (SIGTERM: a drain
+the scheduler ends with a Reset) and fatal refusals end a process, so they start their
+own.
 """
 
 from __future__ import annotations
@@ -334,9 +335,9 @@ def test_a_restarted_scheduler_gets_a_new_hello(
 # -- processes of their own -------------------------------------------------------------
 
 
-def test_sigterm_finishes_the_step_in_hand_then_drains_and_exits_0(model: Path) -> None:
+def test_sigterm_finishes_the_step_in_hand_drains_and_exits_0_once_released(model: Path) -> None:
     sched = ScriptedScheduler()
-    worker = WorkerProcess(model, sched.address, "w-term", *WORKER_FLAGS)
+    worker = WorkerProcess(model, sched.address, "w-term", *WORKER_FLAGS, "--drain-grace", "20")
     try:
         sched.expect("hello", timeout=30)
         sched.send("w-term", welcome=step_pb2.Welcome(replica_id=1, epoch=1, config=HEARTBEAT))
@@ -350,9 +351,18 @@ def test_sigterm_finishes_the_step_in_hand_then_drains_and_exits_0(model: Path) 
         result = sched.expect("result", timeout=30).msg.result
         assert not result.error.kind and len(result.seqs) == 96
         drain = sched.expect("drain").msg.drain
-        assert (drain.worker_id, drain.grace_ms) == ("w-term", 0)
+        assert (drain.worker_id, drain.grace_ms) == ("w-term", 20_000)
+        worker.wait_for("worker w-term draining: running its sequences for up to 20s")
+        assert worker.get("/ready")[0] == 503
+        # Draining, it still runs what the scheduler sends for the sequences it holds.
+        decode = step_pb2.StepPlan(replica_id=1, epoch=1, step=2, running_seqs=[1, 2])
+        decode.running_num_new_tokens.extend([1, 1])
+        sched.send("w-term", plan=decode)
+        assert list(sched.expect("result", timeout=30).msg.result.seqs) == [1, 2]
+        assert worker.proc.poll() is None
+        sched.send("w-term", reset=step_pb2.Reset(reason="drained"))
         assert worker.wait() == 0
-        worker.wait_for("worker w-term draining")
+        worker.wait_for("worker w-term drained \\(released by the scheduler: drained\\)")
     finally:
         worker.kill()
         sched.close()

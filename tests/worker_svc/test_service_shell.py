@@ -7,6 +7,7 @@ import argparse
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 from pagoda.v1 import step_pb2
 from tests.worker_svc.scripted_scheduler import REPO, ScriptedScheduler
 from worker_svc import server
+from worker_svc import service as worker_service
 from worker_svc.service import ModelInfo, WorkerService, WorkerSettings, endpoint
 
 StepError = step_pb2.StepError
@@ -65,7 +67,8 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_flags_fall_back_on_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("PAGODA_STEP_ADDR", "PAGODA_WORKER_HTTP_PORT", "PAGODA_SHARED_SECRET",
-                 "PAGODA_WORKER_ID", "PAGODA_MODEL", "PAGODA_WORKER_HTTP_HOST"):  # fmt: skip
+                 "PAGODA_WORKER_ID", "PAGODA_MODEL", "PAGODA_WORKER_HTTP_HOST",
+                 "PAGODA_DRAIN_GRACE"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     args = parse()
     assert (args.scheduler, args.http_host, args.http_port) == (
@@ -80,11 +83,13 @@ def test_flags_fall_back_on_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         assert server.given(unset) is None
     assert server._settings(args).shared_secret == "" and args.threads >= 1
     assert not args.compile and not args.cuda_graphs and args.log_level == "INFO"
+    assert server._settings(args).drain_grace_s == 30.0
     monkeypatch.setenv("PAGODA_STEP_ADDR", "sched:1234")
     monkeypatch.setenv("PAGODA_WORKER_HTTP_PORT", "0")
     monkeypatch.setenv("PAGODA_SHARED_SECRET", "hush")
     monkeypatch.setenv("PAGODA_WORKER_ID", "pod-7")
     monkeypatch.setenv("PAGODA_MODEL", "/models/m.gguf")
+    monkeypatch.setenv("PAGODA_DRAIN_GRACE", "7.5")
     args = parse("--kv-cache-memory", "512MiB", "--log-level", "debug", "--max-model-len", "99")
     settings = server._settings(args)
     assert (settings.scheduler, settings.http_port, settings.shared_secret) == (
@@ -92,7 +97,7 @@ def test_flags_fall_back_on_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     )  # fmt: skip
     assert (settings.worker_id, args.model) == ("pod-7", "/models/m.gguf")
     assert args.kv_cache_memory == 512 * 2**20 and args.log_level == "DEBUG"
-    assert server.given(args.max_model_len) == 99
+    assert server.given(args.max_model_len) == 99 and settings.drain_grace_s == 7.5
     assert server._settings(parse("--shared-secret", "flag")).shared_secret == "flag"
 
 
@@ -167,9 +172,12 @@ class Shell:
 
 
 @pytest.fixture
-def shell() -> Iterator[Shell]:
+def shell(request: pytest.FixtureRequest) -> Iterator[Shell]:
     sched = ScriptedScheduler()
-    settings = WorkerSettings(scheduler=sched.address, worker_id="unit", http_port=0)
+    grace = getattr(request, "param", 30.0)
+    settings = WorkerSettings(
+        scheduler=sched.address, worker_id="unit", http_port=0, drain_grace_s=grace
+    )
     service = WorkerService(settings)
     service.start_probes()
     runner = StandInRunner(fail_on={2})
@@ -180,6 +188,7 @@ def shell() -> Iterator[Shell]:
         yield Shell(service, runner, sched, thread, codes)
     finally:
         service.stop()
+        service.stop()  # a second stop: no drain to wait for
         thread.join(10)
         sched.close()
 
@@ -205,9 +214,44 @@ def test_an_exception_in_a_step_becomes_an_error_result_and_serving_goes_on(shel
     assert shell.get("/health") == 200
 
     shell.service.stop()
-    assert sched.expect("drain").msg.drain.worker_id == "unit"
+    drain = sched.expect("drain").msg.drain
+    assert (drain.worker_id, drain.grace_ms) == ("unit", 30_000)
+    plan = step_pb2.StepPlan(replica_id=4, epoch=2, step=4)
+    plan.new_sequences.add(seq=3)
+    sched.send("unit", plan=plan)  # draining, it still runs plans
+    assert list(sched.expect("result").msg.result.seqs) == [3]
+    assert shell.get("/ready") == 503 and shell.thread.is_alive()
+    sched.send("unit", reset=step_pb2.Reset(reason="drained"))
     shell.thread.join(10)
     assert shell.codes == [0]
+
+
+@pytest.mark.parametrize("shell", [0.3], indirect=True)
+def test_a_draining_worker_leaves_by_itself_when_no_release_comes(
+    shell: Shell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_service, "DRAIN_MARGIN_S", 0.2)
+    sched = shell.sched
+    sched.expect("hello")
+    sched.send("unit", welcome=step_pb2.Welcome(replica_id=1, epoch=1))
+    deadline = time.monotonic() + 5
+    while shell.get("/ready") != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stopped = time.monotonic()
+    shell.service.stop()
+    assert sched.expect("drain").msg.drain.grace_ms == 300
+    shell.thread.join(10)
+    assert shell.codes == [0] and 0.4 < time.monotonic() - stopped < 3
+
+
+def test_a_worker_without_a_replica_leaves_at_once(shell: Shell) -> None:
+    shell.sched.expect("hello")
+    stopped = time.monotonic()
+    shell.service.stop()
+    assert shell.sched.expect("drain").msg.drain.grace_ms == 0
+    shell.thread.join(10)
+    assert shell.codes == [0] and time.monotonic() - stopped < 2
 
 
 def test_a_reset_says_hello_again_and_a_stray_message_is_ignored(shell: Shell) -> None:
