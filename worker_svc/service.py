@@ -53,6 +53,8 @@ StepError = step_pb2.StepError
 
 # How long a Hello that could not be sent (no connection yet) waits before the next try.
 HELLO_RESEND_S = 0.2
+# How long a sent Hello may go unanswered before it is sent again.
+HELLO_ANSWER_WAIT_S = 2.0
 # A main loop that has not come round for this long while idle is stuck (it polls every
 # POLL_S); a step may run much longer, up to STEP_HANG_S, before liveness gives up on it
 # (the scheduler's own step timeout declares the replica dead long before that).
@@ -436,7 +438,10 @@ class WorkerService:
             shared_secret=s.shared_secret,
         )
         if self._send(sock, step_pb2.WorkerMessage(hello=hello), quiet=True):
-            self._hello_due = None
+            # Sent is not received: a Hello that left just as a restarted scheduler was
+            # not yet listening is lost without an error, so it goes again until a
+            # Welcome or a Refusal answers it.
+            self._hello_due = time.monotonic() + HELLO_ANSWER_WAIT_S
             log.info("worker %s sent hello to %s", s.worker_id, endpoint(s.scheduler))
         else:
             self._hello_due = time.monotonic() + HELLO_RESEND_S

@@ -332,6 +332,20 @@ def test_a_restarted_scheduler_gets_a_new_hello(
     assert run_plan(scheduler, prefill_plan(rep, 1, 1, 4)).msg.result.seqs == [1]
 
 
+def test_an_unanswered_hello_is_sent_again(
+    started: Started, scheduler: ScriptedScheduler, replica: Replica
+) -> None:
+    """A Hello lost on the way (a scheduler restarting that instant) must not strand the
+    worker: until a Welcome or a Refusal comes, it says hello again."""
+    scheduler.flush()
+    scheduler.send(WORKER_ID, reset=step_pb2.Reset(reason="lose the next hello"))
+    first = scheduler.expect("hello", timeout=5)  # not answered: as if it were lost
+    second = scheduler.expect("hello", timeout=5)
+    assert 1.5 < second.at - first.at < 4
+    rep = register(started, scheduler, next(_ids), next(_ids))
+    assert run_plan(scheduler, prefill_plan(rep, 1, 1, 4)).msg.result.seqs == [1]
+
+
 # -- processes of their own -------------------------------------------------------------
 
 
