@@ -4,6 +4,11 @@ submitting requests on the session.
 Both APIs turn their request into (prompt token ids, ``SamplingParams``) through the
 helpers here, so a prompt is checked the same way whichever door it came through, and
 sampling parameters are validated by ``SamplingParams`` alone.
+
+Deadlines are enforced here as well as sent: ``Submit.deadline_unix_ms`` lets the
+scheduler drop a request that is still queued when its time is up, and a timer per
+API call aborts it on the session and answers 504 even if the scheduler says nothing
+(an old scheduler, a clock that differs, a request stuck behind a dead replica).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class SubmitOptions:
     """Per-request fields of ``Submit`` besides the prompt and the sampling."""
 
     priority: int = 0
+    # Seconds the request may take, from its arrival here; None: the server's default.
+    timeout_s: float | None = None
     cache_salt: str = ""
     lora_id: str = ""
     # Carried to the worker as the contract reserves it; not enforced yet.
@@ -53,6 +60,7 @@ class Gateway:
         tokenizer: Tokenizer,
         served_model_name: str,
         session: SessionClient | None = None,
+        request_timeout_s: float | None = None,
     ) -> None:
         self.card = card
         self.tokenizer = tokenizer
@@ -62,6 +70,8 @@ class Gateway:
         self.metrics.track_running(lambda: len(self.table))
         self.session: SessionClient | None = session
         self.draining = False
+        # Applies to requests that name no deadline of their own (--request-timeout).
+        self.request_timeout_s = request_timeout_s
         self.started = int(time.time())
         self._token_texts: dict[int, str] = {}
 
@@ -79,9 +89,19 @@ class Gateway:
             self.table.attach(None)
             self.table.fail_all(errors.session_lost())
 
+    def on_engine_state(self, serving: bool) -> None:
+        """The scheduler's gRPC health changed: NOT_SERVING means a stalled engine."""
+        self.metrics.engine_stalled.set(0 if serving else 1)
+
     @property
     def connected(self) -> bool:
         return self.session is not None and self.session.connected
+
+    @property
+    def engine_serving(self) -> bool:
+        """False while the scheduler's health says NOT_SERVING. The gateway stays ready
+        then: an unready gateway gets no traffic, so it could not tell clients why."""
+        return self.session is None or self.session.engine_serving
 
     def ready(self) -> bool:
         """Takes requests: a session is open and the gateway is not draining."""
@@ -218,20 +238,30 @@ class Gateway:
         params: SamplingParams,
         options: SubmitOptions = SubmitOptions(),
     ) -> RequestGroup:
-        """Queue one request per prompt at the scheduler; 503 at once without a session."""
+        """Queue one request per prompt at the scheduler; 503 at once without a session
+        or while the scheduler's engine is stalled. The call's deadline (its own timeout,
+        else the server's default) starts now."""
         if self.draining:
             raise errors.draining()
         if not self.connected:
             raise errors.no_session()
+        if not self.engine_serving:
+            raise errors.engine_not_serving()
         wake = asyncio.Event()
         wire_params = params.to_proto()
         group = RequestGroup([], wake)
+        timeout_s = options.timeout_s if options.timeout_s is not None else self.request_timeout_s
+        deadline = deadline_ms = None
+        if timeout_s is not None:
+            deadline = time.monotonic() + timeout_s
+            deadline_ms = int((time.time() + timeout_s) * 1000)
         try:
             for prompt in prompts:
                 request_id = uuid.uuid4().hex
                 request = ActiveRequest.create(
                     request_id, prompt.token_ids, params, self.tokenizer, wake
                 )
+                request.deadline, request.timeout_s = deadline, timeout_s
                 self.table.add(request)
                 group.requests.append(request)
                 self._send(
@@ -241,6 +271,7 @@ class Gateway:
                             prompt_token_ids=prompt.token_ids,
                             sampling=wire_params,
                             priority=options.priority,
+                            deadline_unix_ms=deadline_ms or 0,
                             cache_salt=options.cache_salt,
                             lora_id=options.lora_id,
                             structured_output=options.structured_output,
@@ -250,10 +281,24 @@ class Gateway:
         except BaseException:
             self.release(group)
             raise
+        if timeout_s is not None:
+            group.timer = asyncio.get_running_loop().call_later(
+                timeout_s, self._expire, group, timeout_s
+            )
         return group
+
+    def _expire(self, group: RequestGroup, timeout_s: float) -> None:
+        """The call's deadline passed: abort what is unfinished and fail it with 504."""
+        error = errors.deadline_exceeded(timeout_s)
+        for request in group.requests:
+            if not request.over:
+                self.table.expire(request, error)
 
     def release(self, group: RequestGroup) -> None:
         """The caller is done with ``group``: abort whatever is still running."""
+        if group.timer is not None:
+            group.timer.cancel()
+            group.timer = None
         for request in group.requests:
             if not request.over:
                 self.table.abort(request)

@@ -2,7 +2,8 @@
 
 Every failure the gateway reports goes through ``GatewayError``, so the two APIs map
 the same cause to the same answer: bad input is 400 / INVALID_ARGUMENT, overload 429 /
-RESOURCE_EXHAUSTED, no scheduler 503 / UNAVAILABLE. The body is OpenAI's
+RESOURCE_EXHAUSTED, no scheduler 503 / UNAVAILABLE, a passed deadline 504 /
+DEADLINE_EXCEEDED. The body is OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``, which OpenAI's client libraries
 parse into their exception classes.
 """
@@ -25,6 +26,7 @@ _GRPC_CODES = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     500: grpc.StatusCode.INTERNAL,
     503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 # OpenAI's error "type" for each status.
@@ -37,6 +39,7 @@ _TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 
 
@@ -108,6 +111,36 @@ def no_session() -> GatewayError:
 
 def draining() -> GatewayError:
     return unavailable("the gateway is shutting down; retry on another gateway")
+
+
+# What a 503 for a stalled engine advises: the scheduler declares a stall only after
+# its --stall-timeout (30 s by default), so an immediate retry would only be refused again.
+STALLED_RETRY_AFTER_S = 5
+
+
+def engine_not_serving() -> GatewayError:
+    """The scheduler's gRPC health says NOT_SERVING: its engine has work and makes no
+    progress (or it is shutting down), so a new request would only wait behind it."""
+    return unavailable(
+        "the scheduler reports that it is not serving: its engine is stalled (work pending "
+        "and no step completing) or it is shutting down; retry shortly",
+        STALLED_RETRY_AFTER_S,
+    )
+
+
+def dropped_by_scheduler() -> GatewayError:
+    """The scheduler ended a sequence by itself (it dropped its queue while shutting down)."""
+    return unavailable("the scheduler dropped the request before it finished; retry the request")
+
+
+def deadline_exceeded(timeout_s: float) -> GatewayError:
+    """The request's deadline passed before it finished: 504 / DEADLINE_EXCEEDED. It was
+    aborted at the scheduler, so nothing more is computed for it."""
+    return GatewayError(
+        504,
+        f"the request did not finish within its deadline of {timeout_s:g} s",
+        code="deadline_exceeded",
+    )
 
 
 def from_rejection(rejected: session_pb2.Rejected) -> GatewayError:

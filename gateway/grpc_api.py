@@ -5,6 +5,8 @@ can drive pagoda directly) and shares every check with the REST API through
 ``gateway.core``: bad input is INVALID_ARGUMENT, an unknown model NOT_FOUND, overload
 RESOURCE_EXHAUSTED (with a ``retry-after`` trailer), no scheduler UNAVAILABLE. A
 cancelled RPC cancels its handler, whose ``finally`` aborts the request on the session.
+The call's own gRPC deadline is the request's deadline: it travels to the scheduler and
+the gateway answers DEADLINE_EXCEEDED when it passes.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         group: RequestGroup | None = None
         try:
             params, prompt = self._prepare(request)
-            group = self.core.submit([prompt], params, _options(request))
+            group = self.core.submit([prompt], params, _options(request, context))
             rid = request.request_id or group.requests[0].request_id
             sent_usage = False
             async for batch in group.deltas():
@@ -78,7 +80,7 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
     ) -> api_pb2.CompleteResponse:
         async def work() -> api_pb2.CompleteResponse:
             params, prompt = self._prepare(request)
-            group = self.core.submit([prompt], params, _options(request))
+            group = self.core.submit([prompt], params, _options(request, context))
             try:
                 await group.wait()
             finally:
@@ -160,9 +162,12 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         raise errors.invalid("give a prompt: 'text', 'token_ids' or 'messages'", "prompt")
 
 
-def _options(request: api_pb2.GenerateRequest) -> SubmitOptions:
+def _options(request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> SubmitOptions:
+    """The submit options, with the call's gRPC deadline (if the client set one)."""
+    remaining = context.time_remaining()
     return SubmitOptions(
         priority=request.priority,
+        timeout_s=max(remaining, 1e-3) if remaining is not None else None,
         cache_salt=request.cache_salt,
         lora_id=request.lora_id,
         structured_output=request.structured_output

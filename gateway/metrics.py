@@ -107,6 +107,17 @@ class Metrics:
             "Requests aborted at the scheduler because their client went away.",
             registry=reg,
         )
+        self._timed_out = Counter(
+            "pagoda_gateway_requests_timed_out",
+            "Requests aborted at the scheduler because their deadline passed (answered 504).",
+            registry=reg,
+        )
+        self.engine_stalled = Gauge(
+            "pagoda_gateway_scheduler_not_serving",
+            "1 while the scheduler's gRPC health says NOT_SERVING (a stalled engine, or "
+            "shutting down); new requests are answered 503 meanwhile.",
+            registry=reg,
+        )
 
     def track_running(self, count: Callable[[], float]) -> None:
         """Read the number of requests in flight at scrape time."""
@@ -129,6 +140,9 @@ class Metrics:
 
     def request_aborted(self) -> None:
         self._aborted.inc()
+
+    def request_timed_out(self) -> None:
+        self._timed_out.inc()
 
     def answered(self, api: str, status: str) -> None:
         self._requests.labels(api, status).inc()

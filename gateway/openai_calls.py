@@ -10,6 +10,7 @@ naming the parameter as the client spelled it (``top_logprobs``,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,8 +204,20 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     return out
 
 
+# Submit.priority is an int32 on the wire.
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+
+
 def _options(body: SamplingRequest) -> SubmitOptions:
-    return SubmitOptions(priority=body.priority, cache_salt=body.cache_salt or "")
+    low, high = PRIORITY_RANGE
+    if not low <= body.priority <= high:
+        raise errors.invalid(f"priority must lie in [{low}, {high}]", "priority")
+    timeout = body.timeout
+    if timeout is not None and not (0 < timeout < math.inf):
+        raise errors.invalid("timeout must be a positive number of seconds", "timeout")
+    return SubmitOptions(
+        priority=body.priority, timeout_s=timeout, cache_salt=body.cache_salt or ""
+    )
 
 
 def _usage_options(body: SamplingRequest) -> dict[str, bool]:

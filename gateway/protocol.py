@@ -51,6 +51,9 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     priority: int = 0
+    # An extension: seconds the request may take from its arrival (> 0); past it the
+    # request is aborted and answered 504. OpenAI's clients send it through extra_body.
+    timeout: float | None = None
     cache_salt: str | None = None
     # Structured output is not enforced yet: only {"type": "text"} is accepted.
     response_format: dict[str, Any] | None = None

@@ -7,6 +7,11 @@ strings; ``pagoda.text.SampleStream``), a sample that completes a stop string is
 finished at the scheduler (its siblings go on), and every request that advanced is
 woken once — through an ``asyncio.Event`` that its API handler waits on, so a slow
 client coalesces several steps into one read instead of growing a queue.
+
+A request ends in one of three ways besides finishing: its client goes away
+(``abort``), its deadline passes (``expire``: aborted at the scheduler, answered 504),
+or the scheduler ends it without being asked (a ``FINISH_REASON_ABORT`` record: its
+deadline passed there first, or it dropped its queue while shutting down).
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class ActiveRequest:
     num_cached_tokens: int = 0
     prompt_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
     error: GatewayError | None = None
+    # When the request's deadline passes (time.monotonic()), and the timeout it came from.
+    deadline: float | None = None
+    timeout_s: float | None = None
     # Which sample's prompt logprobs are kept (each sequence may compute them).
     _prompt_logprobs_index: int | None = None
 
@@ -98,6 +106,8 @@ class RequestGroup:
 
     requests: list[ActiveRequest]
     wake: asyncio.Event
+    # Fires at the group's deadline; cancelled when the caller releases the group.
+    timer: asyncio.TimerHandle | None = None
 
     @property
     def done(self) -> bool:
@@ -115,10 +125,13 @@ class RequestGroup:
             await self.wake.wait()
             self.wake.clear()
             self._raise_error()
+            # Read before taking: tokens that arrive while the consumer holds a batch
+            # (the request may finish meanwhile) are taken on the next turn, not lost.
+            done = self.done
             batch = [(i, d) for i, r in enumerate(self.requests) for d in r.take_deltas()]
             if batch:
                 yield batch
-            if self.done:
+            if done:
                 return
 
     async def wait(self) -> None:
@@ -153,12 +166,24 @@ class RequestTable:
 
     def abort(self, request: ActiveRequest) -> None:
         """The client went away: end the request at the scheduler, at once."""
+        if self._drop(request):
+            self._metrics.request_aborted()
+
+    def expire(self, request: ActiveRequest, error: GatewayError) -> None:
+        """The request's deadline passed: end it at the scheduler (its blocks are freed at
+        once) and fail it here with ``error``."""
+        if self._drop(request):
+            self._metrics.request_timed_out()
+        request.fail(error)
+
+    def _drop(self, request: ActiveRequest) -> bool:
+        """Forget a request and abort it at the scheduler; False if it was not in flight."""
         if self._active.pop(request.request_id, None) is None:
-            return
-        self._metrics.request_aborted()
+            return False
         self._send_quietly(
             session_pb2.GatewayMessage(abort=session_pb2.Abort(request_id=request.request_id))
         )
+        return True
 
     def fail_all(self, error: GatewayError) -> None:
         """The session broke: every request in flight ends with ``error``."""
@@ -217,7 +242,7 @@ class RequestTable:
                 del active[rid]
                 self._metrics.request_finished(request, now)
             elif request.error is not None:  # a sequence failed: end its siblings too
-                self.abort(request)
+                self._drop(request)
             request.wake.set()
 
     def _apply_finished(self, request: ActiveRequest, fin: session_pb2.SequenceFinished) -> None:
@@ -227,6 +252,12 @@ class RequestTable:
             return
         if fin.reason == common_pb2.FINISH_REASON_ERROR:
             request.fail(errors.internal("generation failed inside the server"))
+            return
+        if fin.reason == common_pb2.FINISH_REASON_ABORT:
+            # This gateway never finishes a sequence with ABORT (an abort it sends gets no
+            # answer), so the scheduler ended it: a client must not take the cut-off text
+            # for a whole answer.
+            request.fail(_scheduler_abort_error(request))
             return
         stop = fin.stop_token_id if fin.HasField("stop_token_id") else None
         sample.finish(FINISH_REASONS.get(fin.reason, "abort"), stop)
@@ -246,3 +277,17 @@ class RequestTable:
             return
         with contextlib.suppress(GatewayError):
             self._send(message)
+
+
+# A scheduler abort this close to the request's own deadline is that deadline passing at
+# the scheduler first (the two clocks and the two timers never agree to the millisecond).
+DEADLINE_SLACK_S = 1.0
+
+
+def _scheduler_abort_error(request: ActiveRequest) -> GatewayError:
+    """504 when the request's deadline has (about) passed, else a retryable 503."""
+    deadline, timeout_s = request.deadline, request.timeout_s
+    near = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+    if near and timeout_s is not None:
+        return errors.deadline_exceeded(timeout_s)
+    return errors.dropped_by_scheduler()

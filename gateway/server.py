@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -108,6 +109,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, how long open requests may take to finish; env PAGODA_DRAIN_GRACE",
     )
     parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=env("PAGODA_REQUEST_TIMEOUT", "0"),
+        metavar="SECONDS",
+        help="deadline of a request that names none (REST `timeout`, a gRPC deadline), from "
+        "its arrival; past it the request is aborted and answered 504 / DEADLINE_EXCEEDED "
+        "(0: none); env PAGODA_REQUEST_TIMEOUT",
+    )
+    parser.add_argument(
         "--log-level",
         default=env("PAGODA_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -130,6 +140,7 @@ class Settings:
     max_body_bytes: int
     gateway_id: str
     drain_grace_s: float
+    request_timeout_s: float | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -141,6 +152,8 @@ class Settings:
         )
         if args.max_body_bytes <= 0:
             raise ValueError("--max-body-bytes must be positive")
+        if not (math.isfinite(args.request_timeout) and args.request_timeout >= 0):
+            raise ValueError("--request-timeout must be a finite number of seconds, 0 for none")
         return cls(
             card=card,
             tokenizer=tokenizer,
@@ -153,6 +166,7 @@ class Settings:
             max_body_bytes=args.max_body_bytes,
             gateway_id=args.gateway_id,
             drain_grace_s=max(0.0, args.drain_grace),
+            request_timeout_s=args.request_timeout or None,
         )
 
 
@@ -180,7 +194,12 @@ class _Uvicorn(uvicorn.Server):
 
 
 async def _serve(settings: Settings) -> int:
-    core = Gateway(settings.card, settings.tokenizer, settings.served_model_name)
+    core = Gateway(
+        settings.card,
+        settings.tokenizer,
+        settings.served_model_name,
+        request_timeout_s=settings.request_timeout_s,
+    )
     health = Health()
     background: set[asyncio.Task[None]] = set()
 
@@ -195,6 +214,7 @@ async def _serve(settings: Settings) -> int:
         settings.gateway_id,
         on_update=core.table.on_update,
         on_state=on_state,
+        on_engine=core.on_engine_state,
         expected_identity=settings.card.identity,
     )
     core.attach_session(session)

@@ -9,6 +9,12 @@ reconnects by itself with exponential backoff; while no session is open ``send``
 raises at once (the API answers 503) instead of queueing, and ``on_lost`` fails the
 requests that were in flight, since the scheduler aborted them when the stream broke.
 
+While the session is open the client also watches the scheduler's gRPC health
+(``grpc.health.v1.Health/Watch`` of ``pagoda.v1.Scheduler``, on the same channel):
+the scheduler says NOT_SERVING when its engine has work and completes no step (or it
+is shutting down), and the gateway then answers new requests 503 at once instead of
+queueing them behind a stall. A scheduler without the health service counts as serving.
+
 The channel uses keepalive pings, so a half-open connection (a scheduler host that
 vanished without closing its sockets) is noticed within about 15 s. The scheduler's
 server must accept pings that often (``grpc.http2.min_ping_interval_without_data_ms``
@@ -25,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import errors
 from pagoda.v1 import PROTOCOL_VERSION, common_pb2, session_pb2, session_pb2_grpc
@@ -46,6 +53,13 @@ CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
 )
+
+
+# The scheduler's service name in its gRPC health (what its stall detection sets).
+SCHEDULER_HEALTH_SERVICE = session_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+# A health watch that broke while the session stays open is opened again after this long.
+HEALTH_RETRY_S = 1.0
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class SessionRefused(Exception):
@@ -70,6 +84,7 @@ class SessionClient:
         *,
         on_update: Callable[[session_pb2.SchedulerUpdate], None],
         on_state: Callable[[bool], None],
+        on_engine: Callable[[bool], None] | None = None,
         expected_identity: str = "",
         backoff: Backoff = Backoff(),
         open_timeout_s: float = 10.0,
@@ -78,6 +93,7 @@ class SessionClient:
         self.gateway_id = gateway_id
         self._on_update = on_update
         self._on_state = on_state
+        self._on_engine = on_engine
         self._expected_identity = expected_identity
         self._backoff = backoff
         self._open_timeout_s = open_timeout_s
@@ -87,6 +103,8 @@ class SessionClient:
         self._last_report = ""
         self.model: common_pb2.ModelInfo | None = None
         self.session_id = ""
+        # False while the scheduler's health says NOT_SERVING (a stalled engine).
+        self.engine_serving = True
 
     @property
     def connected(self) -> bool:
@@ -159,16 +177,55 @@ class SessionClient:
                 self.model.name if self.model else "?",
             )
             self._on_state(True)
-            await self._read_all(call)
+            watch = asyncio.create_task(self._watch_health(channel), name="scheduler-health")
+            try:
+                await self._read_all(call)
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
             log.warning("session %s closed by the scheduler", self.session_id)
         finally:
             self._outbox = None
             outbox.put_nowait(None)
             call.cancel()
+            self._set_engine(True, quiet=True)  # no session: 503 for that reason instead
             if self._opened:
                 self._on_state(False)
             with contextlib.suppress(Exception):
                 await channel.close(grace=None)
+
+    async def _watch_health(self, channel: grpc.aio.Channel) -> None:
+        """Follow the scheduler's health for as long as the session is open."""
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service=SCHEDULER_HEALTH_SERVICE)
+        while True:
+            try:
+                async for answer in stub.Watch(request):
+                    self._set_engine(answer.status != NOT_SERVING)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._set_engine(True)
+                    return  # no health service: nothing will ever say it stalled
+                log.debug("health watch on %s ended: %s", self.target, exc.code().name)
+            await asyncio.sleep(HEALTH_RETRY_S)
+
+    def _set_engine(self, serving: bool, quiet: bool = False) -> None:
+        if serving == self.engine_serving:
+            return
+        self.engine_serving = serving
+        if quiet:
+            pass
+        elif serving:
+            log.info("scheduler %s is serving again", self.target)
+        else:
+            log.warning(
+                "scheduler %s reports NOT_SERVING (stalled engine or shutting down): new "
+                "requests are answered 503",
+                self.target,
+            )
+        if self._on_engine is not None:
+            self._on_engine(serving)
 
     async def _read_all(self, call: grpc.aio.StreamStreamCall) -> None:
         while True:

@@ -5,8 +5,9 @@ server) from a thread of its own, and answers every submit with scripted tokens:
 ``i`` produces ``scripts[i % len(scripts)]``, then EOS (or the script again, with
 ``ignore_eos``), one token per step, honouring ``max_tokens``, ``stop_token_ids``,
 ``abort`` and ``finish``. It records what the gateway sent, so tests can check that an
-abort or a finish arrived, and can refuse submits (``reject``) or be stopped and
-restarted on the same port.
+abort or a finish arrived, and can refuse submits (``reject``), say NOT_SERVING in its
+gRPC health as a stalled scheduler does (``set_serving``), or be stopped and restarted
+on the same port.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagoda.v1 import PROTOCOL_VERSION, common_pb2, session_pb2, session_pb2_grpc
 
@@ -28,6 +30,8 @@ SERVER_OPTIONS = (
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),
 )
+
+HEALTH_SERVICE = "pagoda.v1.Scheduler"
 
 
 @dataclass
@@ -74,6 +78,8 @@ class SchedulerDouble(session_pb2_grpc.SchedulerServicer):
         self._thread.start()
         self._server: grpc.aio.Server | None = None
         self._sessions = itertools.count(1)
+        self._health: health.aio.HealthServicer | None = None
+        self._serving = True
 
     @property
     def vocab(self) -> int:
@@ -91,6 +97,11 @@ class SchedulerDouble(session_pb2_grpc.SchedulerServicer):
 
     def stop(self) -> None:
         self._call(self._stop())
+
+    def set_serving(self, serving: bool) -> None:
+        """What the health of ``pagoda.v1.Scheduler`` says (NOT_SERVING: a stalled engine)."""
+        self._serving = serving
+        self._call(self._publish_health())
 
     def close(self) -> None:
         self.stop()
@@ -119,9 +130,20 @@ class SchedulerDouble(session_pb2_grpc.SchedulerServicer):
     async def _start(self) -> None:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         session_pb2_grpc.add_SchedulerServicer_to_server(self, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
         await server.start()
         self._server = server
+        await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        if self._health is None:
+            return
+        status = health_pb2.HealthCheckResponse
+        await self._health.set(
+            HEALTH_SERVICE, status.SERVING if self._serving else status.NOT_SERVING
+        )
 
     async def _stop(self) -> None:
         if self._server is not None:

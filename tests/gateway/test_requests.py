@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -113,3 +114,76 @@ def test_a_group_streams_deltas_and_raises_a_failure(tokenizer: Tokenizer) -> No
 
     texts, status = asyncio.run(scenario())
     assert "".join(texts) == " hello" and status == 503
+
+
+def _aborted_by_scheduler(rid: str, index: int = 0) -> session_pb2.StepOutputs:
+    out = session_pb2.StepOutputs()
+    out.finished.append(
+        session_pb2.SequenceFinished(
+            request_id=rid, index=index, reason=common_pb2.FINISH_REASON_ABORT
+        )
+    )
+    return out
+
+
+def test_a_sequence_the_scheduler_aborted_fails_its_request_and_ends_its_siblings(
+    tokenizer: Tokenizer,
+) -> None:
+    """The scheduler drops queued requests when it drains: a retryable 503, never a
+    cut-off answer that looks whole; the siblings are aborted at the scheduler."""
+    table, sent = _table()
+    request = _request(tokenizer, n=2)
+    table.add(request)
+    table.on_outputs(_outputs("r", {0: 40, 1: 41}))
+    table.on_outputs(_aborted_by_scheduler("r", 1))
+    assert request.error is not None and request.error.status == 503
+    assert request.error.retry_after_s and len(table) == 0
+    assert [m.abort.request_id for m in sent if m.WhichOneof("kind") == "abort"] == ["r"]
+
+
+def test_a_scheduler_abort_at_the_deadline_is_a_504(tokenizer: Tokenizer) -> None:
+    table, _ = _table()
+    request = _request(tokenizer)
+    request.deadline, request.timeout_s = time.monotonic() + 0.2, 5.0
+    table.add(request)
+    table.on_outputs(_aborted_by_scheduler("r"))
+    assert request.error is not None and request.error.status == 504
+    assert request.error.body()["error"]["code"] == "deadline_exceeded"
+
+
+def test_an_expired_request_is_aborted_at_the_scheduler_and_late_tokens_dropped(
+    tokenizer: Tokenizer,
+) -> None:
+    table, sent = _table()
+    request = _request(tokenizer)
+    table.add(request)
+    table.expire(request, GatewayError(504, "late"))
+    table.on_outputs(_outputs("r", {0: 40}))
+    assert request.error is not None and request.error.status == 504
+    assert request.samples[0].token_ids == [] and len(table) == 0
+    assert [m.abort.request_id for m in sent] == ["r"]
+
+
+def test_the_last_tokens_reach_a_consumer_that_was_busy_when_they_arrived(
+    tokenizer: Tokenizer,
+) -> None:
+    """A slow client holds one batch while the request's last token and its finish
+    arrive: its next read must still get them (and the finish reason)."""
+
+    async def scenario() -> tuple[list[int], list[str | None]]:
+        table, _ = _table()
+        wake = asyncio.Event()
+        request = ActiveRequest.create("r", [1, 5], SamplingParams(), tokenizer, wake)
+        table.add(request)
+        group = RequestGroup([request], wake)
+        deltas = group.deltas()
+        table.on_outputs(_outputs("r", {0: 40}))
+        first = await anext(deltas)  # the consumer now holds this batch ...
+        table.on_outputs(_outputs("r", {0: 41}))  # ... while the request finishes
+        table.on_outputs(_outputs("r", {0: 2}, finished=(0,)))
+        rest = [batch async for batch in deltas]
+        got = [d for batch in [first, *rest] for _, d in batch]
+        return [t for d in got for t in d.token_ids], [d.finish_reason for d in got]
+
+    tokens, reasons = asyncio.run(scenario())
+    assert tokens == [40, 41, 2] and reasons[-1] == "stop"
