@@ -13,6 +13,7 @@ import asyncio
 import functools
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from pagoda.v1 import PROTOCOL_VERSION, session_pb2, session_pb2_grpc, step_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.service import Addresses, SchedulerService
 from scheduler_svc.settings import ServiceSettings
+from tests.worker_svc.hf_oracle import VOCAB_SIZE, random_prompts
 
 TEST_TIMEOUT_S = 60.0
 
@@ -400,3 +402,20 @@ class StepWorker:
                         self.heartbeat_answers += 1
         finally:
             sock.close(linger=0)
+
+
+def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
+    return random_prompts(VOCAB_SIZE, lengths, seed)
+
+
+def worker(running, runner, card, worker_id: str, **kw) -> StepWorker:
+    return StepWorker.for_runner(running.step_address, runner, card, worker_id, **kw).start()
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+        return reply.status, reply.read().decode()
+
+
+async def scrape(running) -> str:
+    return (await asyncio.to_thread(http_get, running.addresses.http_port, "/metrics"))[1]

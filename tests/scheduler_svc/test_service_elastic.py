@@ -10,87 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from dataclasses import replace
 
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagoda.model_card import ModelCard
 from pagoda.v1 import common_pb2, session_pb2
 from scheduler_svc.replicas import ACTIVE, DRAINING
 from scheduler_svc.service import SERVICE_NAME
 from tests.scheduler_svc.service_harness import (
     FAST_SETTINGS,
-    StepWorker,
     asynctest,
     greedy,
+    http_get,
+    prompts,
     running_service,
+    scrape,
     wait_until,
+    worker,
 )
-from tests.worker_svc.hf_oracle import VOCAB_SIZE, build_model, hf_greedy, random_prompts
 
 KV_BLOCKS = 64
 ABORT = common_pb2.FINISH_REASON_ABORT
 LENGTH = common_pb2.FINISH_REASON_LENGTH
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model("llama", tmp_path_factory.mktemp("scheduler-elastic"))
-
-
-@pytest.fixture(scope="module")
-def card(model_dir):
-    return ModelCard.load(model_dir)
-
-
-@pytest.fixture(scope="module")
-def runners(model_dir):
-    from worker_svc.model_runner import ModelRunner
-
-    return [
-        ModelRunner(model_dir, dtype="float32", num_kv_blocks=KV_BLOCKS, show_progress=False)
-        for _ in range(2)
-    ]
-
-
-@pytest.fixture(scope="module")
-def check_greedy(model_dir):
-    """Assert a streamed sequence equals the offline engine's greedy tokens; where they
-    differ, both must agree with HF's up to one near-tie (the project's one tolerance)."""
-    from pagoda import LLM
-    from tests.worker_svc.hf_oracle import assert_matches_reference
-
-    llm = LLM(model_dir, dtype="float32", num_kv_blocks=KV_BLOCKS, show_progress=False)
-
-    def check(prompt: list[int], ours: list[int], max_tokens: int) -> None:
-        out = llm.generate([prompt], greedy(max_tokens), use_tqdm=False)[0]
-        want = list(out.outputs[0].token_ids)
-        if ours == want:
-            return
-        ref = hf_greedy(model_dir, [prompt], max_tokens)[0]
-        assert_matches_reference(ours, ref, "split stack")
-        assert_matches_reference(want, ref, "offline LLM")
-
-    return check
-
-
-def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
-    return random_prompts(VOCAB_SIZE, lengths, seed)
-
-
-def worker(running, runner, card, worker_id: str, **kw) -> StepWorker:
-    return StepWorker.for_runner(running.step_address, runner, card, worker_id, **kw).start()
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
-        return reply.status, reply.read().decode()
-
-
-async def scrape(running) -> str:
-    return (await asyncio.to_thread(http_get, running.addresses.http_port, "/metrics"))[1]
 
 
 # -- graceful drain -------------------------------------------------------------------------
