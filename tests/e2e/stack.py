@@ -58,6 +58,10 @@ def slow_model(root: Path) -> Path:
     return path
 
 
+# Every process started here, so that the session can kill whatever a failed test left.
+LIVE: list[Process] = []
+
+
 class Process:
     """A child ``pagoda`` process whose stderr is kept and searched for log lines."""
 
@@ -71,6 +75,7 @@ class Process:
             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
         )  # fmt: skip
         threading.Thread(target=self._read, daemon=True).start()
+        LIVE.append(self)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None

@@ -109,6 +109,7 @@ def test_a_killed_gateway_loses_its_requests_and_not_the_others(model, services)
         wait_until_idle(scheduler, within=10)
     finally:
         loop.close()
+        doomed.kill()
     survivor = Gateway(model, scheduler.grpc_addr)
     try:
         ok = httpx.post(
