@@ -196,13 +196,25 @@ class Gateway(Process):
     """``pagoda gateway`` on free ports, talking to ``scheduler_addr``."""
 
     def __init__(self, card: Path, scheduler_addr: str, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None):  # fmt: skip
+                 env: dict[str, str] | None = None, ready: bool = True):  # fmt: skip
         argv = ["gateway", "--model", str(card), "--scheduler", scheduler_addr, "--port", "0",
                 "--grpc-port", "0", *(extra or [])]  # fmt: skip
         super().__init__(argv, env, name="gateway")
         http, grpc_addr = self.wait_for(r"gateway listening http=(\S+) grpc=(\S+)").groups()
         self.base_url = f"http://{http}"
         self.grpc_addr = grpc_addr
+        if ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until /ready says the session to the scheduler is open (listening comes first)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while httpx.get(f"{self.base_url}/ready", timeout=5).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway not ready in {timeout} s:\n{self.log}")
+            time.sleep(0.1)
 
 
 def grpc_channel(address: str):
