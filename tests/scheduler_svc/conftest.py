@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 
 from pagoda.model_card import ModelCard
-from tests.scheduler_svc.service_harness import greedy
+from tests.scheduler_svc.service_harness import KV_BLOCKS, greedy
 from tests.worker_svc.hf_oracle import build_model, hf_greedy
-
-KV_BLOCKS = 64
 
 
 @pytest.fixture(scope="module")

@@ -404,6 +404,10 @@ class StepWorker:
             sock.close(linger=0)
 
 
+# KV blocks of each runner the service tests share (tests/scheduler_svc/conftest.py).
+KV_BLOCKS = 64
+
+
 def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
     return random_prompts(VOCAB_SIZE, lengths, seed)
 

@@ -19,6 +19,7 @@ from scheduler_svc.replicas import ACTIVE, DRAINING
 from scheduler_svc.service import SERVICE_NAME
 from tests.scheduler_svc.service_harness import (
     FAST_SETTINGS,
+    KV_BLOCKS,
     asynctest,
     greedy,
     http_get,
@@ -29,7 +30,6 @@ from tests.scheduler_svc.service_harness import (
     worker,
 )
 
-KV_BLOCKS = 64
 ABORT = common_pb2.FINISH_REASON_ABORT
 LENGTH = common_pb2.FINISH_REASON_LENGTH
 

@@ -21,6 +21,7 @@ from scheduler_svc.replicas import ACTIVE, DEAD, DRAINING
 from scheduler_svc.service import SERVICE_NAME
 from tests.scheduler_svc.service_harness import (
     FAST_SETTINGS,
+    KV_BLOCKS,
     GatewaySession,
     asynctest,
     greedy,
@@ -30,7 +31,6 @@ from tests.scheduler_svc.service_harness import (
     worker,
 )
 
-KV_BLOCKS = 64
 STOP = common_pb2.FINISH_REASON_STOP
 LENGTH = common_pb2.FINISH_REASON_LENGTH
 
