@@ -63,14 +63,19 @@ LIVE: list[Process] = []
 
 
 class Process:
-    """A child ``pagoda`` process whose stderr is kept and searched for log lines."""
+    """A child ``pagoda`` process whose stderr is kept and searched for log lines.
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None, name: str = ""):
+    ``launcher`` runs it: by default this interpreter; another virtual environment's
+    python, or ``ip netns exec NS python`` to run it on another host.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, name: str = "",
+                 launcher: list[str] | None = None):  # fmt: skip
         self.name = name or argv[0]
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pagoda", *argv],
+            [*(launcher or [sys.executable]), "-m", "pagoda", *argv],
             cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
         )  # fmt: skip
@@ -166,10 +171,10 @@ class Scheduler(Process):
     """``pagoda scheduler`` on the given gRPC port (0: any), the rest on free ports."""
 
     def __init__(self, card: Path, grpc_port: int = 0, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None):  # fmt: skip
+                 env: dict[str, str] | None = None, launcher: list[str] | None = None):  # fmt: skip
         argv = ["scheduler", "--model", str(card), "--grpc-port", str(grpc_port),
                 "--step-port", "0", "--http-port", "0", *(extra or [])]  # fmt: skip
-        super().__init__(argv, env, name="scheduler")
+        super().__init__(argv, env, name="scheduler", launcher=launcher)
         match = self.wait_for(r"scheduler listening grpc=(\S+) step=(\S+) http=(\S+)")
         self.grpc_addr, self.step_addr, self.http_addr = match.groups()
 
@@ -185,10 +190,11 @@ class Worker(Process):
     """``pagoda worker`` dialing ``step_addr``; waits until it has registered."""
 
     def __init__(self, model: Path, step_addr: str, worker_id: str,
-                 extra: list[str] | None = None, env: dict[str, str] | None = None):  # fmt: skip
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 launcher: list[str] | None = None):  # fmt: skip
         argv = ["worker", "--scheduler", step_addr, "--model", str(model), "--worker-id",
                 worker_id, "--http-port", "0", "--dtype", "float32", *(extra or [])]  # fmt: skip
-        super().__init__(argv, env, name=worker_id)
+        super().__init__(argv, env, name=worker_id, launcher=launcher)
         self.wait_for(rf"worker {re.escape(worker_id)} registered replica=")
 
 
@@ -196,10 +202,11 @@ class Gateway(Process):
     """``pagoda gateway`` on free ports, talking to ``scheduler_addr``."""
 
     def __init__(self, card: Path, scheduler_addr: str, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None, ready: bool = True):  # fmt: skip
+                 env: dict[str, str] | None = None, ready: bool = True,
+                 launcher: list[str] | None = None):  # fmt: skip
         argv = ["gateway", "--model", str(card), "--scheduler", scheduler_addr, "--port", "0",
                 "--grpc-port", "0", *(extra or [])]  # fmt: skip
-        super().__init__(argv, env, name="gateway")
+        super().__init__(argv, env, name="gateway", launcher=launcher)
         http, grpc_addr = self.wait_for(r"gateway listening http=(\S+) grpc=(\S+)").groups()
         self.base_url = f"http://{http}"
         self.grpc_addr = grpc_addr
