@@ -288,23 +288,20 @@ class WorkerService:
         self.metrics.kv_blocks.set(info.num_kv_blocks)
         ctx = zmq.Context()
         address = endpoint(s.scheduler)
-        sock = _dealer(ctx, address, f"{s.worker_id}/main")
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        conn = _Connection(ctx, address, f"{s.worker_id}/main")
         self._heartbeat = _Heartbeat(ctx, address, f"{s.worker_id}/hb", self._link, s.worker_id)
         self._heartbeat.start()
         self._serving = True
         try:
-            code = self._loop(sock, monitor, runner, info)
+            code = self._loop(conn, runner, info)
             if code == 0:
-                self._drain(sock, monitor, runner)
+                self._drain(conn, runner)
             return code
         finally:
             self._serving = False
             self._heartbeat.stop()
             self._heartbeat.join(timeout=2)
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=s.linger_ms)
+            conn.close(linger_ms=s.linger_ms)
             ctx.term()
             self.close()
 
@@ -328,17 +325,15 @@ class WorkerService:
 
     # -- the main loop -------------------------------------------------------------------
 
-    def _loop(self, sock: zmq.Socket, monitor: zmq.Socket, runner: Runner, info: ModelInfo) -> int:
+    def _loop(self, conn: _Connection, runner: Runner, info: ModelInfo) -> int:
         self._hello_due = time.monotonic()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
         while not self._stop.is_set():
             now = self._main_tick = time.monotonic()
             self._check_silence(runner, now)
             if self._hello_due is not None and now >= self._hello_due:
-                self._send_hello(sock, info)
-            events = dict(poller.poll(POLL_S * 1000))
+                self._send_hello(conn, info)
+            sock, monitor = conn.sock, conn.monitor
+            events = dict(conn.poller.poll(POLL_S * 1000))
             if monitor in events:
                 self._check_connection(monitor, runner)
             if sock not in events:
@@ -420,8 +415,10 @@ class WorkerService:
 
     # -- membership ----------------------------------------------------------------------
 
-    def _send_hello(self, sock: zmq.Socket, info: ModelInfo) -> None:
+    def _send_hello(self, conn: _Connection, info: ModelInfo) -> None:
         s = self.settings
+        if conn.carried_hello:
+            conn.renew()
         hello = step_pb2.Hello(
             protocol_version=PROTOCOL_VERSION,
             worker_id=s.worker_id,
@@ -437,7 +434,8 @@ class WorkerService:
             device=info.device,
             shared_secret=s.shared_secret,
         )
-        if self._send(sock, step_pb2.WorkerMessage(hello=hello), quiet=True):
+        if self._send(conn.sock, step_pb2.WorkerMessage(hello=hello), quiet=True):
+            conn.carried_hello = True
             # Sent is not received: a Hello that left just as a restarted scheduler was
             # not yet listening is lost without an error, so it goes again until a
             # Welcome or a Refusal answers it.
@@ -486,10 +484,10 @@ class WorkerService:
         self.metrics.running_sequences.set(0)
         self._hello_due = hello_at
 
-    def _drain(self, sock: zmq.Socket, monitor: zmq.Socket, runner: Runner) -> None:
+    def _drain(self, conn: _Connection, runner: Runner) -> None:
         """Tell the scheduler, then run its plans until it releases this worker (a Reset),
         the grace period and a margin are over, it falls silent, or a second stop comes."""
-        s = self.settings
+        s, sock, monitor = self.settings, conn.sock, conn.monitor
         registered = self._registered
         grace_ms = round(s.drain_grace_s * 1000) if registered else 0
         drain = step_pb2.Drain(worker_id=s.worker_id, grace_ms=grace_ms)
@@ -504,9 +502,7 @@ class WorkerService:
         )
         assert self._heartbeat is not None
         deadline = time.monotonic() + s.drain_grace_s + DRAIN_MARGIN_S
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+        poller = conn.poller
         why = f"no release within {s.drain_grace_s + DRAIN_MARGIN_S:g}s"
         while time.monotonic() < deadline:
             self._main_tick = time.monotonic()
@@ -548,6 +544,39 @@ class WorkerService:
                     self.settings.worker_id, msg.WhichOneof("kind"),
                 )  # fmt: skip
             return False
+
+
+class _Connection:
+    """The main DEALER, its monitor and their poller.
+
+    A Hello that goes out again goes out on a new connection. One sent into a connection
+    whose link is down (no error: TCP has not noticed) waits in its queue, and when the
+    link heals it arrives together with every later one, each registering a new replica
+    and ending the one before. Closing the old socket (linger 0) drops what it queued;
+    the scheduler's ROUTER hands this worker's identity over to the new connection.
+    """
+
+    def __init__(self, ctx: zmq.Context, address: str, identity: str) -> None:
+        self._ctx, self._address, self._identity = ctx, address, identity
+        self._open()
+
+    def _open(self) -> None:
+        self.sock = _dealer(self._ctx, self._address, self._identity)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.carried_hello = False
+
+    def renew(self) -> None:
+        """Drop this connection and whatever it still queues; dial again."""
+        self.close(linger_ms=0)
+        self._open()
+
+    def close(self, *, linger_ms: int) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=linger_ms)
 
 
 def _dropped(monitor: zmq.Socket) -> bool:
