@@ -191,9 +191,15 @@ def _add_liveness_arguments(group: argparse._ArgumentGroup) -> None:
             "seconds without a completed step, while work is pending on live replicas, "
             "before gRPC health says NOT_SERVING",
         ),
-        ("--drain-grace", float, 30.0, "seconds running requests get to finish after SIGTERM"),
     ):
         group.add_argument(flag, type=kind, default=default, help=f"{what} (default: %(default)s)")
+    group.add_argument(
+        "--drain-grace",
+        type=float,
+        default=os.environ.get("PAGODA_DRAIN_GRACE", 30.0),
+        help="seconds running requests get to finish after SIGTERM; env PAGODA_DRAIN_GRACE "
+        "(default: %(default)s)",
+    )
 
 
 def build(args: argparse.Namespace) -> tuple[ModelCard, SchedulerConfig, ServiceSettings]:
