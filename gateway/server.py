@@ -33,6 +33,7 @@ from gateway.grpc_api import Health, add_services
 from gateway.openai_api import HttpSettings, build_app
 from gateway.session import SessionClient
 from pagoda.model_card import ModelCard, ModelCardError
+from pagoda.secrets import read_secret
 from pagoda.text import Tokenizer
 
 log = logging.getLogger("gateway")
@@ -87,8 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         default=None,
-        help="API key clients must send as 'Authorization: Bearer KEY' (None: no key); "
-        "env PAGODA_API_KEY",
+        help="API key clients must send as 'Authorization: Bearer KEY' (None: "
+        "--api-key-file, env PAGODA_API_KEY or PAGODA_API_KEY_FILE, else no key)",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        default=env("PAGODA_API_KEY_FILE") or None,
+        help="a file holding the API key (a mounted Secret); env PAGODA_API_KEY_FILE",
     )
     parser.add_argument(
         "--max-body-bytes",
@@ -162,7 +169,7 @@ class Settings:
             port=args.port,
             grpc_port=args.grpc_port,
             scheduler=args.scheduler,
-            api_key=args.api_key or os.environ.get("PAGODA_API_KEY") or None,
+            api_key=read_secret(args.api_key, args.api_key_file, "PAGODA_API_KEY") or None,
             max_body_bytes=args.max_body_bytes,
             gateway_id=args.gateway_id,
             drain_grace_s=max(0.0, args.drain_grace),

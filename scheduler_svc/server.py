@@ -18,6 +18,7 @@ import uvloop
 import zmq
 
 from pagoda.model_card import ModelCard
+from pagoda.secrets import read_secret
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.service import SchedulerService
 from scheduler_svc.settings import ServiceSettings
@@ -88,7 +89,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shared-secret",
         default=None,
         help="secret the workers must present, required when --host is beyond loopback; "
-        "unset: env PAGODA_SHARED_SECRET, else none",
+        "unset: --shared-secret-file, env PAGODA_SHARED_SECRET or PAGODA_SHARED_SECRET_FILE, "
+        "else none",
+    )
+    net.add_argument(
+        "--shared-secret-file",
+        metavar="PATH",
+        default=env("PAGODA_SHARED_SECRET_FILE") or None,
+        help="a file holding the shared secret (a mounted Secret); "
+        "env PAGODA_SHARED_SECRET_FILE (default: %(default)s)",
     )
     _add_policy_arguments(parser.add_argument_group("scheduling"))
     _add_liveness_arguments(parser.add_argument_group("liveness and shutdown"))
@@ -244,10 +253,7 @@ def build(args: argparse.Namespace) -> tuple[ModelCard, SchedulerConfig, Service
 
 
 def _shared_secret(args: argparse.Namespace) -> str:
-    # Read here, not as the flag's default, so that no help text can ever print it.
-    if args.shared_secret is not None:
-        return args.shared_secret
-    return os.environ.get("PAGODA_SHARED_SECRET", "")
+    return read_secret(args.shared_secret, args.shared_secret_file, "PAGODA_SHARED_SECRET")
 
 
 def run(args: argparse.Namespace) -> int:

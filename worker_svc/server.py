@@ -23,6 +23,7 @@ from typing import Any
 
 from pagoda.default_model import default_model_path
 from pagoda.model_card import ModelCardError
+from pagoda.secrets import read_secret
 from worker_svc.model_card_writer import identity_of
 from worker_svc.service import ModelInfo, Runner, WorkerService, WorkerSettings
 
@@ -167,6 +168,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the deployment's shared secret, presented to the scheduler (default: %(default)s)",
     )
     add(
+        "--shared-secret-file",
+        metavar="PATH",
+        default=env("PAGODA_SHARED_SECRET_FILE") or Unset("none"),
+        help="a file holding the shared secret, e.g. a mounted Secret "
+        "(env PAGODA_SHARED_SECRET_FILE) (default: %(default)s)",
+    )
+    add(
         "--http-host",
         default=env("PAGODA_WORKER_HTTP_HOST", "127.0.0.1"),
         help="address of /health, /ready and /metrics (env PAGODA_WORKER_HTTP_HOST) "
@@ -216,7 +224,12 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ModelCardError, ValueError) as exc:
         log.error("worker %s: %s", args.worker_id, exc)
         return 1
-    service = WorkerService(_settings(args))
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        log.error("worker %s: %s", args.worker_id, exc)
+        return 1
+    service = WorkerService(settings)
     previous = _on_signals(service.stop)
     try:
         return _start(service, args, model, identity, threads)
@@ -244,7 +257,9 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
     return WorkerSettings(
         scheduler=args.scheduler,
         worker_id=args.worker_id,
-        shared_secret=given(args.shared_secret) or os.environ.get("PAGODA_SHARED_SECRET", ""),
+        shared_secret=read_secret(
+            given(args.shared_secret), given(args.shared_secret_file), "PAGODA_SHARED_SECRET"
+        ),
         http_host=args.http_host,
         http_port=args.http_port,
         drain_grace_s=max(0.0, args.drain_grace),

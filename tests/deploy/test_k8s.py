@@ -51,7 +51,7 @@ CUSTOM_RESOURCES = {
 # checkov checks the manifests skip (each skip carries its reason in a checkov.io/skipN
 # annotation; test_checkov_skips_carry_reasons checks them). A new skip is added here
 # too, on purpose.
-ACCEPTED_SKIPS = {"CKV_K8S_15", "CKV_K8S_35", "CKV_K8S_43"}
+ACCEPTED_SKIPS = {"CKV_K8S_15", "CKV_K8S_43"}
 # Deployment name -> the pagoda subcommand its service container runs.
 SERVICES = {"pagoda-gateway": "gateway", "pagoda-scheduler": "scheduler",
             "pagoda-worker": "worker"}  # fmt: skip
@@ -297,20 +297,55 @@ def test_every_pagoda_variable_is_one_the_service_reads(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_shared_secret_comes_from_a_secret(overlay):
+def test_secrets_come_from_mounted_secrets(overlay):
+    """The shared secret (and an API key, where one is set) reach the processes as files
+    of a mounted Secret: never a ConfigMap, never an environment variable's value."""
     objs = render(overlay)
     assert not k8s.of_kind(objs, "Secret"), "secrets are created by the operator, not in git"
     for config in k8s.of_kind(objs, "ConfigMap"):
         held = [key for key in config.get("data", {}) if "SECRET" in key or "KEY" in key]
         assert not held, f"ConfigMap {config['metadata']['name']} holds {held}"
-    refs = set()
-    for deployment in ("pagoda-scheduler", "pagoda-worker"):
-        ref = container_env(objs, service_container(objs, deployment))["PAGODA_SHARED_SECRET"]
-        assert isinstance(ref, SecretRef) and not ref.optional, deployment
-        refs.add(ref)
-    assert len(refs) == 1, f"the scheduler and the workers read different secrets: {refs}"
-    api_key = container_env(objs, service_container(objs, "pagoda-gateway")).get("PAGODA_API_KEY")
-    assert api_key is None or isinstance(api_key, SecretRef)
+    sources = set()
+    for deployment in ("pagoda-scheduler", "pagoda-worker", "pagoda-gateway"):
+        pod = k8s.one(objs, "Deployment", deployment)["spec"]["template"]["spec"]
+        container = service_container(objs, deployment)
+        env = container_env(objs, container)
+        assert not {"PAGODA_SHARED_SECRET", "PAGODA_API_KEY"} & set(env), deployment
+        assert not any(isinstance(v, SecretRef) for v in env.values()), deployment
+        for var, secret in (
+            ("PAGODA_SHARED_SECRET_FILE", "pagoda-shared-secret"),
+            ("PAGODA_API_KEY_FILE", "pagoda-api-key"),
+        ):
+            if var not in env:
+                assert var == "PAGODA_API_KEY_FILE" or deployment == "pagoda-gateway", (
+                    f"{deployment} has no {var}"
+                )
+                continue
+            name, key = secret_file_source(pod, container, env[var])
+            assert name == secret, f"{deployment}: {var} reads Secret {name}"
+            if var == "PAGODA_SHARED_SECRET_FILE":
+                sources.add((name, key))
+    assert len(sources) == 1, f"the scheduler and the workers read different secrets: {sources}"
+
+
+def secret_file_source(pod: dict, container: dict, path: str) -> tuple[str, str]:
+    """The Secret and key a file path in the container comes from (via its mounts), and
+    that the uid the pod runs as can read it: mode 0440 and fsGroup, no more."""
+    mounts = [
+        m for m in container.get("volumeMounts", [])
+        if path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]  # fmt: skip
+    assert len(mounts) == 1, f"{path} is on no single mount: {mounts}"
+    mount = mounts[0]
+    assert mount.get("readOnly") and "subPath" not in mount, mount
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "secret" in volume, f"{path} is not on a Secret volume: {volume}"
+    secret = volume["secret"]
+    assert not secret.get("optional"), f"{path}: a missing Secret must stop the pod"
+    assert secret.get("defaultMode") == 0o440, "readable by owner and group only"
+    assert pod["securityContext"].get("fsGroup") == pod["securityContext"]["runAsUser"]
+    key = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    return secret["secretName"], key
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
