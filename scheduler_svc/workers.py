@@ -372,7 +372,8 @@ class WorkerHub:
         if self._reset_sent.get(worker_id) == key:
             return
         self._reset_sent[worker_id] = key
-        self._send(identity, step_pb2.SchedulerMessage(reset=step_pb2.Reset(reason=why)))
+        reset = step_pb2.Reset(reason=why, replica_id=key[0], epoch=key[1])
+        self._send(identity, step_pb2.SchedulerMessage(reset=reset))
 
     # -- sending ---------------------------------------------------------------------
 

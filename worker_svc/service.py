@@ -351,6 +351,8 @@ class WorkerService:
         assert self._heartbeat is not None
         if self._heartbeat.silence.is_set():
             self._heartbeat.silence.clear()
+            if not self._registered:
+                return  # a Hello is already under way, and goes again until answered
             log.warning(
                 "worker %s heard no heartbeat answer for %.1fs: saying hello again",
                 self.settings.worker_id, self._link.timeout_s,
@@ -378,6 +380,8 @@ class WorkerService:
         elif kind == "refusal":
             return self._refused(msg.refusal)
         elif kind == "reset":
+            if self._stale(msg.reset):
+                return None
             log.info(
                 "worker %s reset by the scheduler: %s", self.settings.worker_id, msg.reset.reason
             )
@@ -474,6 +478,20 @@ class WorkerService:
         self._backoff_s = min(2 * self._backoff_s, s.hello_backoff_max_s)
         return None
 
+    def _stale(self, reset: step_pb2.Reset) -> bool:
+        """A Reset of a replica this worker no longer holds. A thawed worker (SIGSTOP)
+        hears its own silence and says Hello; the Reset the scheduler sent for its old
+        replica arrives after, and must not end the new one."""
+        link = self._link
+        if not reset.replica_id or (reset.replica_id, reset.epoch) == (link.replica_id, link.epoch):
+            return False
+        log.info(
+            "worker %s ignores a reset of replica %d epoch %d (it holds %d epoch %d): %s",
+            self.settings.worker_id, reset.replica_id, reset.epoch, link.replica_id,
+            link.epoch, reset.reason,
+        )  # fmt: skip
+        return True
+
     def _unregister(self, runner: Runner, *, hello_at: float) -> None:
         """Forget the replica (epoch 0 matches no plan) and Hello again at ``hello_at``."""
         runner.reset(0, 0)
@@ -522,7 +540,7 @@ class WorkerService:
             kind = msg.WhichOneof("kind") if msg is not None else None
             if kind == "plan":
                 self._send(sock, step_pb2.WorkerMessage(result=self._step(runner, msg.plan)))
-            elif kind == "reset":
+            elif kind == "reset" and not self._stale(msg.reset):
                 why = f"released by the scheduler: {msg.reset.reason}"
                 break
         self._leave()

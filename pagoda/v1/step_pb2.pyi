@@ -125,10 +125,14 @@ class Drain(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., grace_ms: _Optional[int] = ...) -> None: ...
 
 class Reset(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "replica_id", "epoch")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    replica_id: int
+    epoch: int
+    def __init__(self, reason: _Optional[str] = ..., replica_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class StepPlan(_message.Message):
     __slots__ = ("replica_id", "epoch", "step", "new_sequences", "running_seqs", "running_num_new_tokens", "new_blocks", "finished_seqs", "preempted_seqs")

@@ -65,7 +65,7 @@ async def test_a_draining_replica_finishes_its_requests_takes_no_new_ones_then_i
                 assert session.finished[(rid, 0)].reason == LENGTH
             assert (a.new_sequences, b.new_sequences) == (2, 1), "nothing moved, late went to b"
             await wait_until(lambda: a.released.is_set(), 5, "the release")
-            assert [r.reason for r in a.resets] == ["drained"]
+            assert [(r.reason, r.replica_id) for r in a.resets] == [("drained", rid_a)]
             assert rid_a not in running.service.workers.table.live
             # Its heartbeats stopped with it: it is forgotten soon after.
             await wait_until(lambda: len(running.service.workers.table.listed) == 1, 5)

@@ -128,6 +128,9 @@ async def test_a_refused_step_resets_the_replica_and_its_requests_finish_after_i
             w.corrupt_next_step = True
             await session.wait_finished("r")
             assert len(w.resets) == 1 and "STEP_GAP" in w.resets[0].reason
+            first = w.welcomes[0]
+            # The Reset names the replica it ends, so a late one cannot end the next.
+            assert (w.resets[0].replica_id, w.resets[0].epoch) == (first.replica_id, first.epoch)
             assert len(w.welcomes) == 2
             assert w.welcomes[1].replica_id != w.welcomes[0].replica_id
             assert w.welcomes[1].epoch > w.welcomes[0].epoch

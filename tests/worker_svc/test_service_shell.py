@@ -263,3 +263,36 @@ def test_a_reset_says_hello_again_and_a_stray_message_is_ignored(shell: Shell) -
     assert sched.expect("hello").msg.hello.worker_id == "unit"
     assert shell.runner.resets == [(1, 1), (0, 0)] and shell.get("/ready") == 503
     assert sched.quiet(0.2)
+
+
+def test_a_stale_reset_leaves_the_new_replica_alone(shell: Shell) -> None:
+    """A Reset naming a replica the worker no longer holds (sent for its old replica
+    before it registered again) must not end the new one."""
+    sched = shell.sched
+    sched.expect("hello")
+    sched.send("unit", welcome=step_pb2.Welcome(replica_id=5, epoch=3))
+    sched.send("unit", reset=step_pb2.Reset(reason="old", replica_id=4, epoch=2))
+    sched.send("unit", reset=step_pb2.Reset(reason="old epoch", replica_id=5, epoch=2))
+    assert sched.quiet(0.3)
+    assert shell.runner.resets == [(5, 3)] and shell.get("/ready") == 200
+    sched.send("unit", reset=step_pb2.Reset(reason="yours", replica_id=5, epoch=3))
+    sched.expect("hello")
+    assert shell.runner.resets == [(5, 3), (0, 0)] and shell.get("/ready") == 503
+
+
+def test_heartbeat_silence_says_hello_only_while_registered(shell: Shell) -> None:
+    """Silence while a Hello is already out adds no second one (it goes again by itself
+    when unanswered); silence while registered says Hello at once."""
+    sched, heartbeat = shell.sched, shell.service._heartbeat
+    sched.expect("hello")
+    assert heartbeat is not None
+    heartbeat.silence.set()
+    assert sched.quiet(1.0)  # the unanswered Hello goes again only after 2 s
+    sched.send("unit", welcome=step_pb2.Welcome(replica_id=1, epoch=1))
+    deadline = time.monotonic() + 5
+    while shell.get("/ready") != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    heartbeat.silence.set()
+    sched.expect("hello", timeout=1.0)
+    assert shell.runner.resets == [(1, 1), (0, 0)]
