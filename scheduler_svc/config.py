@@ -29,8 +29,9 @@ class SchedulerConfig:
     # waiting, and their tokens; a submit past either is refused with QueueFull.
     max_waiting_requests: int | None = None
     max_waiting_tokens: int | None = None
-    # Prefix affinity: how long (in the unit of ``now``, seconds in the service) a request
-    # whose prefix is cached on another replica with room is left for that replica; 0: off.
+    # Prefix affinity and load spread: how long (in the unit of ``now``, seconds in the
+    # service) a request is left for a better replica with room (one caching more of its
+    # prefix, or as much while running fewer sequences); 0: off.
     affinity_wait_s: float = 0.0
 
     def __post_init__(self) -> None:

@@ -12,9 +12,10 @@ latest-arrived (or lowest-priority) running sequence is preempted and recomputed
 later, its generated tokens kept.
 
 On top of that loop: a draining replica admits nothing new; the queue is bounded
-(``QueueFull``); requests past their deadline end (``expire``); and a request whose
-prefix another replica caches more of waits a bounded time for that replica (prefix
-affinity, docs/scheduler.md).
+(``QueueFull``); requests past their deadline end (``expire``); and a request waits a
+bounded time for a better replica than the one asking: one that caches more of its
+prefix (prefix affinity), or as much while running fewer sequences (load spread),
+docs/scheduler.md.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ ABORT = common_pb2.FINISH_REASON_ABORT
 
 _UINT64 = 2**64 - 1
 # A replica's admission looks at most this many requests left for other replicas (prefix
-# affinity) in one step before it stops admitting: the walk past them stays short.
+# affinity, load spread) in one step before it stops admitting: the walk stays short.
 AFFINITY_LOOKAHEAD = 64
 
 WaitingEntry = tuple[tuple[int, float, int], int, Sequence]
@@ -472,13 +473,16 @@ class Scheduler:
     def _admit(self, replica: Replica, budget: int, plan: step_pb2.StepPlan, now: float) -> None:
         """Admit waiting sequences in queue order while the budget, ``max_num_seqs`` and the
         blocks last. One that does not fit stops admission (the queue order holds); one left
-        for a replica that caches more of its prefix (prefix affinity) keeps its place, and
-        the next one behind it may be admitted."""
+        for a better replica (prefix affinity, load spread) keeps its place, and the next
+        one behind it may be admitted."""
         cfg = self.config
         bs = cfg.block_size
         blocks = replica.blocks
         running = replica.running
         passed = 0
+        # Sequences this walk left for each other replica: they count as that replica's
+        # load, so that a burst splits evenly instead of all going to the second replica.
+        spread: dict[int, int] = {}
         for seq in self._in_queue_order():
             if budget <= 0 or len(running) >= cfg.max_num_seqs:
                 break
@@ -488,7 +492,7 @@ class Scheduler:
                 num_queried = min(len(seq.block_hashes), (num_tokens - 1) // bs)
             else:
                 hits, num_queried = [], 0
-            if num_queried > len(hits) and self._leave_for_another(replica, seq, len(hits), now):
+            if self._leave_for_another(replica, seq, len(hits), now, spread):
                 passed += 1
                 if passed >= AFFINITY_LOOKAHEAD:
                     break
@@ -502,12 +506,16 @@ class Scheduler:
             self._start(replica, seq, table, num_cached, num_new, plan)
             budget -= num_new
 
-    def _leave_for_another(self, replica: Replica, seq: Sequence, my_hits: int, now: float) -> bool:
-        """Prefix affinity: True when ``seq`` should wait for another replica, one that is
-        live, not draining, caches more of its prefix than ``replica`` (the score: blocks
-        cached) and has room for it (free blocks for the whole of it, fewer than
-        max_num_seqs running) -- for at most ``affinity_wait_s`` from when it was first
-        passed over. Reads the other replicas' prefix indexes; changes none."""
+    def _leave_for_another(
+        self, replica: Replica, seq: Sequence, my_hits: int, now: float, spread: dict[int, int]
+    ) -> bool:
+        """True when ``seq`` should wait for a better replica than ``replica``: one that
+        caches more of its prefix (prefix affinity; the score: blocks cached), or as much
+        and runs fewer sequences (load spread; ``spread`` counts those this walk already
+        left for it). That replica must be live, not draining and have room for ``seq``
+        (free blocks for the whole of it, fewer than max_num_seqs running). The wait lasts
+        at most ``affinity_wait_s`` from when ``seq`` was first passed over. Reads the
+        other replicas' prefix indexes; changes none."""
         cfg = self.config
         wait = cfg.affinity_wait_s
         if wait <= 0 or len(self._replicas) < 2:
@@ -517,19 +525,22 @@ class Scheduler:
             return False  # waited long enough: anyone takes it
         num_tokens = len(seq.token_ids)
         need = -(-num_tokens // cfg.block_size)
-        best = my_hits
+        cached = seq.request.uses_prefix_cache
+        best, best_load, target = my_hits, len(replica.running), None
         for other in self._replicas.values():
-            if other is replica or other.draining or len(other.running) >= cfg.max_num_seqs:
+            load = len(other.running) + spread.get(other.replica_id, 0)
+            if other is replica or other.draining or load >= cfg.max_num_seqs:
                 continue
-            hits = other.blocks.lookup(seq.block_hashes, num_tokens)
-            if len(hits) <= best:
-                continue
+            hits = other.blocks.lookup(seq.block_hashes, num_tokens) if cached else []
+            if (len(hits), -load) <= (best, -best_load):
+                continue  # neither more of the prefix, nor as much with less load
             ref_counts = other.blocks.ref_counts
             hits_now_free = sum(1 for b in hits if ref_counts[b] == 0)
             if need - len(hits) <= other.blocks.num_free_blocks - hits_now_free:
-                best = len(hits)
-        if best == my_hits:
+                best, best_load, target = len(hits), load, other
+        if target is None:
             return False
+        spread[target.replica_id] = spread.get(target.replica_id, 0) + 1
         if since is None:
             since = seq.passed_over_at = now
         until = since + wait

@@ -182,8 +182,9 @@ def _add_limit_arguments(group: argparse._ArgumentGroup) -> None:
         "--affinity-wait-ms",
         type=float,
         default=env("PAGODA_AFFINITY_WAIT_MS", 200.0),
-        help="longest a request waits for the replica that caches most of its prefix while "
-        "another replica could take it; 0: off; env PAGODA_AFFINITY_WAIT_MS "
+        help="longest a request waits for a better replica (one that caches more of its "
+        "prefix, or as much while running fewer sequences) while another could take it; "
+        "0: off; env PAGODA_AFFINITY_WAIT_MS "
         "(default: %(default)s)",
     )
 

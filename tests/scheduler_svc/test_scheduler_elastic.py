@@ -244,7 +244,10 @@ def test_a_replica_without_room_or_draining_is_not_waited_for(why):
     elif why == "no seats":
         cluster.submit("s1", [3] * 4, PARAMS)
         cluster.submit("s2", [4] * 4, PARAMS)
-        cluster.step(0)
+        cluster.step(0)  # takes s1 and leaves s2 to the idle replica 1 (load spread) ...
+        cluster.now += 0.2
+        cluster.step(0)  # ... which does not step: after the wait, replica 0 takes it
+        assert len(cluster.scheduler.replica(0).running) == 2
     elif why == "no blocks":
         cluster.submit("hog", [5] * 192, SamplingParams(max_tokens=50, ignore_eos=True))
         cluster.step(0)  # 48 of 64 blocks held, the 16 left cache the prefix: no block to spare
@@ -269,3 +272,69 @@ def test_the_replica_caching_more_wins_among_several():
     assert not new_seqs(cluster, cluster.step(1)), "replica 1 caches 8 blocks, replica 2 16"
     plan = cluster.step(2)
     assert new_seqs(cluster, plan) == ["shared"] and plan.new_sequences[0].num_cached_tokens == 64
+
+
+# -- load spread ----------------------------------------------------------------------------
+
+
+def burst(cluster: Cluster, count: int) -> dict[str, tuple[list[int], SamplingParams]]:
+    """``count`` requests sharing no prefix, submitted at once."""
+    requests = {f"r{i}": ([20 + i] * (5 + i % 3), PARAMS) for i in range(count)}
+    for rid, (prompt, params) in requests.items():
+        cluster.submit(rid, prompt, params)
+    return requests
+
+
+def spread_cluster(replicas: int = 2, **overrides) -> Cluster:
+    cluster = Cluster(config(**{"affinity_wait_s": 0.2, **overrides}))
+    for r in range(replicas):
+        cluster.join(r, 64)
+    cluster.now = 100.0
+    return cluster
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_a_burst_on_idle_replicas_is_shared_out_evenly(replicas):
+    cluster = spread_cluster(replicas)
+    requests = burst(cluster, 12)
+    taken = [new_seqs(cluster, cluster.step(r)) for r in range(replicas)]
+    assert [len(t) for t in taken] == [12 // replicas] * replicas
+    assert sorted(r for t in taken for r in t) == sorted(requests), "each exactly once"
+    assert taken[0] == [f"r{i}" for i in range(0, 12, replicas)], "queue order kept"
+    cluster.run()
+    check_streams(cluster, requests)
+    cluster.scheduler.check_invariants()
+
+
+def test_the_less_loaded_replica_gets_the_next_request():
+    cluster = spread_cluster()
+    burst(cluster, 4)
+    cluster.step(0)
+    cluster.step(1)  # two each
+    cluster.submit("late", [9] * 6, PARAMS)
+    assert new_seqs(cluster, cluster.step(0)) == ["late"], "a tie: the replica asking takes it"
+    cluster.submit("later", [8] * 6, PARAMS)
+    assert not new_seqs(cluster, cluster.step(0)), "replica 0 runs one more than replica 1"
+    assert new_seqs(cluster, cluster.step(1)) == ["later"]
+
+
+@pytest.mark.parametrize("why", ["draining", "no seats", "spread off", "waited"])
+def test_no_request_waits_for_a_replica_that_cannot_or_does_not_take_it(why):
+    cluster = spread_cluster(max_num_seqs=4, affinity_wait_s=0.0 if why == "spread off" else 0.2)
+    if why == "draining":
+        cluster.scheduler.drain(1)
+    elif why == "no seats":
+        burst(cluster, 4)
+        cluster.step(1)  # half of the burst, the rest left for replica 0 ...
+        cluster.now += 0.2
+        cluster.step(1)  # ... which does not step: after the wait replica 1 takes it all
+        assert len(cluster.scheduler.replica(1).running) == 4
+    requests = {f"x{i}": ([30 + i] * 5, PARAMS) for i in range(4)}
+    for rid, (prompt, params) in requests.items():
+        cluster.submit(rid, prompt, params)
+    taken = new_seqs(cluster, cluster.step(0))
+    if why == "waited":  # replica 1 never steps: after the wait, replica 0 takes the rest
+        assert taken == ["x0", "x2"]
+        cluster.now += 0.2
+        taken += new_seqs(cluster, cluster.step(0))
+    assert sorted(taken) == sorted(requests)

@@ -1,6 +1,6 @@
 """A scheduler's step socket under a test's control, and a worker process to point at it.
 
-``ScriptedScheduler`` binds a real ZeroMQ ROUTER (with ROUTER_MANDATORY, as the
+``ScriptedScheduler`` binds a real ZeroMQ ROUTER (ROUTER_MANDATORY, ROUTER_HANDOVER, as the
 scheduler service does). A thread of its own owns the socket (a ZeroMQ socket belongs
 to one thread): it answers heartbeats at once unless told to fall silent, records
 them, and queues every other message for the test, which scripts the answers.
@@ -82,6 +82,8 @@ class ScriptedScheduler:
     def _router(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # As the scheduler's: a worker's new connection takes its identity over.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.LINGER, 0)
         return sock
 
