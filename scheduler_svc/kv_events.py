@@ -212,8 +212,9 @@ class KvEventPublisher:
     loop callback makes (in practice one replica's ``schedule``) go out as one batch
     right after it, and a snapshot is taken between two callbacks, after publishing
     what was pending, so it reflects exactly the events up to its sequence number.
-    A watch task publishes ``cleared`` for replicas that left while nothing else moved,
-    and an empty batch after ``HEARTBEAT_S`` without any.
+    A replica that leaves is ``cleared`` right after the callback that ended it
+    (``changed``); a watch task catches anything else that changed while nothing
+    moved, and sends an empty batch after ``HEARTBEAT_S`` without any.
     """
 
     def __init__(self, core: Scheduler, host: str, events_port: int, snapshot_port: int):
@@ -288,6 +289,11 @@ class KvEventPublisher:
             # A PUB socket never blocks: a subscriber past its high-water mark loses
             # messages, sees the gap in the sequence numbers and asks for a snapshot.
             self._send(batch.SerializeToString())
+
+    def changed(self) -> None:
+        """Membership changed (a replica left): publish its ``cleared`` right after this
+        loop callback, as a step's events are, rather than at the next watch tick."""
+        self._schedule_flush()
 
     def snapshot(self) -> kv_events_pb2.KvSnapshot:
         """Publish what is pending, then every replica's index at that sequence number."""

@@ -106,7 +106,7 @@ class SchedulerService:
             card.identity, config.block_size, config.max_model_len, settings.shared_secret
         )
         self.workers = WorkerHub(
-            self.core, settings, expected, self.sessions.deliver, self._on_step
+            self.core, settings, expected, self.sessions.deliver, self._on_step, self._on_leave
         )
         kv_ports = settings.kv_ports
         self.kv_events = (
@@ -241,6 +241,10 @@ class SchedulerService:
 
     def _wake(self) -> None:
         self.workers.wake_all()
+
+    def _on_leave(self) -> None:
+        if self.kv_events is not None:
+            self.kv_events.changed()
 
     def _on_step(self, seconds: float) -> None:
         self.metrics.step_seconds.observe(seconds)

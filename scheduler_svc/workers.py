@@ -57,12 +57,15 @@ class WorkerHub:
         expected: Expected,
         deliver: Deliver,
         on_step: OnStep,
+        on_leave: Callable[[], None] | None = None,
     ):
         self._core = core
         self._settings = settings
         self._expected = expected
         self._deliver = deliver
         self._on_step = on_step
+        # Called right after a replica leaves the core (KV events publish `cleared` then).
+        self._on_leave = on_leave
         self.table = ReplicaTable()
         self._replica_ids = itertools.count(1)
         # Per worker id, the (replica, epoch) it was last told to register again for, so a
@@ -353,6 +356,8 @@ class WorkerHub:
         if self.table.live.get(handle.replica_id) is not handle:
             return
         self._core.leave(handle.replica_id)
+        if self._on_leave is not None:
+            self._on_leave()
         self.table.end(handle, state, time.monotonic())
         if handle.pending is not None and not handle.pending.done():
             handle.pending.cancel()

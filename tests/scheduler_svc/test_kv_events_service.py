@@ -134,7 +134,7 @@ def ask_snapshot(address: str) -> kv_events_pb2.KvSnapshot:
 
 
 @asynctest
-async def test_mid_run_subscribers_rebuild_every_replica_index_exactly(card, runners):
+async def test_mid_run_subscribers_rebuild_every_replica_index_exactly(card, runners, monkeypatch):
     settings = replace(FAST_SETTINGS, kv_events_port=0)
     async with running_service(
         card, settings, max_model_len=MAX_MODEL_LEN, max_num_seqs=3
@@ -205,12 +205,17 @@ async def test_mid_run_subscribers_rebuild_every_replica_index_exactly(card, run
                     assert block.parent_hash not in index or block.parent_hash in seen
                     seen.add(block.block_hash)
 
-            # A worker leaving clears its replica for every subscriber.
+            # A worker leaving clears its replica for every subscriber, at once: with the
+            # watch task asleep, the leave itself must publish it.
             gone = ws[1].welcomes[-1].replica_id
             early.resume()
+            tick = kv_events.WATCH_S
+            monkeypatch.setattr(kv_events, "WATCH_S", 3600.0)
+            await asyncio.sleep(2 * tick)  # the watch is now in its long sleep
             ws[1].drain()
             await wait_until(lambda: gone not in service.core.replica_ids, 10, "the leave")
-            await wait_until(lambda: publisher.sequence_number > final, 5, "the cleared event")
+            await asyncio.sleep(0)  # the flush scheduled with the leave
+            assert publisher.sequence_number > final, "cleared waits for the watch tick"
             final = publisher.snapshot().sequence_number
             await early.catch_up(final)
             assert early.sub.mirror.applied["cleared"] == 1
