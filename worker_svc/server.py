@@ -55,11 +55,43 @@ def parse_bytes(text: str) -> int:
 
 
 def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask, which a container narrows)."""
+    """Cores this process may use: its affinity mask (which a cpuset narrows), capped by
+    its cgroup's CPU quota (a Kubernetes CPU limit), which the mask does not show: torch
+    with one thread per node core under a 2-CPU limit is throttled most of each period."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return cores if quota is None else max(1, min(cores, int(quota)))
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs this process's cgroup may use per period (quota / period); None: no quota.
+
+    cgroup v2: ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD") in the process's own cgroup
+    (``/proc/self/cgroup``'s ``0::PATH``; inside a container with its own cgroup
+    namespace that is the root). cgroup v1: ``cpu/cpu.cfs_quota_us`` (-1: none).
+    """
+    candidates = [root / "cpu.max"]
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                candidates.insert(0, root / line[3:].lstrip("/") / "cpu.max")
+    except OSError:
+        pass
+    for path in candidates:
+        try:
+            quota, period = path.read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        return None if quota == "max" else int(quota) / int(period)
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
 
 
 def default_threads() -> int:
@@ -200,7 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=default_threads(),
-        help="torch threads: cores // $PAGODA_LOCAL_WORKERS (default 1), at least 1 "
+        help="torch threads: the cores it may use (its affinity mask, capped by a cgroup "
+        "CPU limit) // $PAGODA_LOCAL_WORKERS (default 1), at least 1 "
         "(default: %(default)s here)",
     )
     add(

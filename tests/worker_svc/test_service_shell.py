@@ -59,6 +59,32 @@ def test_local_workers_divide_the_cores(monkeypatch: pytest.MonkeyPatch) -> None
         assert server.default_threads() == threads
 
 
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2.0),  # cgroup v2: limit 2
+        ({"cpu.max": "50000 100000\n"}, 0.5),  # 500m
+        ({"cpu.max": "max 100000\n"}, None),  # no limit
+        ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_from_v2_or_v1(tmp_path, files, quota) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert server.cgroup_cpu_quota(tmp_path) == quota
+
+
+@pytest.mark.parametrize(("quota", "cores"), [(None, 8), (2.0, 2), (2.5, 2), (0.5, 1), (64, 8)])
+def test_a_cpu_limit_caps_the_cores(monkeypatch: pytest.MonkeyPatch, quota, cores) -> None:
+    """A container limited to 2 CPUs on a 64-core node must not start 64 torch threads."""
+    monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(server, "cgroup_cpu_quota", lambda: quota)
+    assert server.cpu_cores() == cores
+
+
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     server.add_arguments(parser)
