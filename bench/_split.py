@@ -111,8 +111,9 @@ def split_engine(spec: dict, measure) -> dict[str, Any]:
 
     async def batch(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         sampling = common_pb2.SamplingParams(
-            temperature=0.0, max_tokens=max_tokens, ignore_eos=True
-        )
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+            detokenize=spec.get("detokenize", True),
+        )  # fmt: skip
         calls = [
             stub.Complete(
                 api_pb2.GenerateRequest(

@@ -362,6 +362,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="split: pagoda also through the running services (pagoda serve, public gRPC)",
     )
     p.add_argument(
+        "--no-detokenize",
+        action="store_true",
+        help="split: the client asks for token ids only (detokenize=false), so the "
+        "gateway turns no token into text",
+    )
+    p.add_argument(
         "--worker", choices=["pagoda", "pagoda_split", "transformers"], help=argparse.SUPPRESS
     )
     p.add_argument("files", nargs="*", type=Path, help=argparse.SUPPRESS)
@@ -392,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "kv_cache_bytes": args.kv_cache_gib * 2**30,
+        "detokenize": not args.no_detokenize,
         "runs": make_runs(model_dir, n, length, args.repeats + 1, args.seed),
     }
     common = {
@@ -415,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.stack == "split":
                 raw = run_engine(me + ["--worker", "pagoda_split"], spec)
                 line = {"engine": "pagoda", "stack": "split", **common}
+                line["detokenize"] = spec["detokenize"]
                 extra = {
                     "outside_worker_cpu_ms_per_step": raw.get("outside_worker_cpu_ms_per_step")
                 }

@@ -191,7 +191,7 @@ def _choice(
     request: api_pb2.GenerateRequest, params: SamplingParams, delta: SampleDelta
 ) -> api_pb2.Choice:
     choice = api_pb2.Choice(index=delta.index, text=delta.text)
-    if request.return_token_ids:
+    if request.return_token_ids or not params.detokenize:
         choice.token_ids.extend(delta.token_ids)
     if params.logprobs is not None:
         choice.logprobs.extend(delta.logprobs)
@@ -204,7 +204,7 @@ def _whole_choice(
 ) -> api_pb2.Choice:
     sample = active.samples[index]
     choice = api_pb2.Choice(index=index, text=sample.text)
-    if request.return_token_ids:
+    if request.return_token_ids or not active.params.detokenize:
         choice.token_ids.extend(sample.token_ids)
     if active.params.logprobs is not None:
         choice.logprobs.extend(sample.logprobs)

@@ -41,6 +41,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # False: token ids only, no text (vLLM's ``detokenize``); no stop strings then.
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,6 +75,8 @@ class SamplingParams:
             _check_int("seed", self.seed, -(2**63), _INT64_MAX)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must hold non-empty strings")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are matched on the text: they need detokenize=True")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids entry", t, 0, _UINT32_MAX)
         if self.max_tokens is not None:
@@ -113,6 +117,7 @@ class SamplingParams:
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=self.logit_bias,
+            detokenize=self.detokenize,
         )
 
     @classmethod

@@ -75,8 +75,9 @@ class SampleStream:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
     ) -> SampleStream:
-        """A fresh sample of a request whose prompt is ``prompt_token_ids``."""
-        if tokenizer is None:
+        """A fresh sample of a request whose prompt is ``prompt_token_ids``; token ids
+        only without a tokenizer or with ``detokenize=False``."""
+        if tokenizer is None or not params.detokenize:
             return cls(index, None)
         detokenizer = IncrementalDetokenizer(
             tokenizer,

@@ -63,6 +63,23 @@ def test_complete_with_two_samples_a_stop_string_and_logprobs(
     assert out.usage.prompt_tokens == len(ids) and out.request_id
 
 
+def test_without_detokenizing_the_ids_come_back_and_the_text_stays_empty(
+    stub: api_pb2_grpc.GenerationStub, tokenizer: Tokenizer
+) -> None:
+    """detokenize=false: the same tokens as with text, returned even without
+    return_token_ids, and no text, streamed or whole."""
+    with_text = stub.Complete(_request(request_id="a", return_token_ids=True))
+    ids = list(with_text.choices[0].token_ids)
+    assert ids == tokenizer.encode(REPLIES[0], add_special_tokens=False) + [2]
+    sampling = common_pb2.SamplingParams(detokenize=False)
+    whole = stub.Complete(_request(request_id="b", sampling=sampling))
+    assert list(whole.choices[0].token_ids) == ids and whole.choices[0].text == ""
+    assert whole.choices[0].finish_reason == common_pb2.FINISH_REASON_STOP
+    streamed = list(stub.Generate(_request(request_id="c", sampling=sampling)))
+    assert [t for r in streamed for c in r.choices for t in c.token_ids] == ids
+    assert all(c.text == "" for r in streamed for c in r.choices)
+
+
 def test_chat_messages_are_rendered_by_the_template(stub: api_pb2_grpc.GenerationStub) -> None:
     messages = api_pb2.ChatMessages(messages=[api_pb2.ChatMessage(role="user", content="Hi")])
     out = stub.Complete(
@@ -97,6 +114,7 @@ Sampling = common_pb2.SamplingParams
         (_request(sampling=Sampling(n=5000)), INVALID),
         (_request(sampling=Sampling(max_tokens=0)), INVALID),
         (_request(sampling=Sampling(logit_bias={5000: 1.0})), INVALID),
+        (_request(sampling=Sampling(stop=["x"], detokenize=False)), INVALID),
         (_request(token_ids=api_pb2.TokenIds(ids=[1, 5000])), INVALID),
         (_request(model="gpt-9"), grpc.StatusCode.NOT_FOUND),
     ],

@@ -19,7 +19,7 @@ def test_defaults_are_vllms():
     )
     assert p.stop == [] and p.stop_token_ids == [] and not p.ignore_eos
     assert p.skip_special_tokens and p.spaces_between_special_tokens
-    assert not p.include_stop_str_in_output
+    assert not p.include_stop_str_in_output and p.detokenize
 
 
 def test_round_trip_keeps_zero_distinct_from_unset():
@@ -36,6 +36,7 @@ def test_round_trip_keeps_zero_distinct_from_unset():
         logprobs=0,
         prompt_logprobs=2,
         skip_special_tokens=False,
+        detokenize=True,
     )
     assert p.top_k == 0 and p.stop == ["END"] and p.greedy
     wire = common_pb2.SamplingParams.FromString(p.to_proto().SerializeToString())
@@ -48,7 +49,9 @@ def test_unset_wire_fields_take_the_defaults():
     p = SamplingParams.from_proto(common_pb2.SamplingParams())
     assert p.n == 1 and p.temperature == 1.0 and p.top_p == 1.0 and p.repetition_penalty == 1.0
     assert p.max_tokens is None and p.seed is None and p.logprobs is None
-    assert p.skip_special_tokens and p.spaces_between_special_tokens
+    assert p.skip_special_tokens and p.spaces_between_special_tokens and p.detokenize
+    off = SamplingParams(detokenize=False, max_tokens=4)
+    assert SamplingParams.from_proto(off.to_proto()) == off
 
 
 @pytest.mark.parametrize(
@@ -65,6 +68,7 @@ def test_unset_wire_fields_take_the_defaults():
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 2, "min_tokens": 3}, "min_tokens"),
         ({"stop": [""]}, "stop"),
+        ({"stop": ["x"], "detokenize": False}, "stop strings .* need detokenize"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"logprobs": 21}, "logprobs"),
         ({"logit_bias": {3: 101.0}}, "logit_bias value"),

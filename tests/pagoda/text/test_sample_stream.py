@@ -83,6 +83,16 @@ def test_logprobs_beyond_the_tokens_are_dropped(tok: Tokenizer) -> None:
     assert delta is not None and len(delta.logprobs) == 1 and delta.token_ids == [5]
 
 
+def test_without_detokenizing_only_token_ids_are_kept(tok: Tokenizer) -> None:
+    sample = SampleStream.start(0, tok, [1, 2], SamplingParams(detokenize=False))
+    for token in tok.encode("hello world", add_special_tokens=False):
+        assert sample.add_token(token) is None
+    sample.finish("length", None)
+    delta = sample.take_delta()
+    assert delta is not None and delta.text == "" and sample.text == ""
+    assert delta.token_ids == tok.encode("hello world", add_special_tokens=False)
+
+
 def test_without_a_tokenizer_only_token_ids_are_kept() -> None:
     sample = SampleStream.start(1, None, [1, 2], SamplingParams())
     assert sample.add_token(7) is None
