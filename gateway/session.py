@@ -51,6 +51,9 @@ CHANNEL_OPTIONS = (
     # This client backs off by itself; the channel's own backoff would add up to 2 min.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
+    # The scheduler is an internal peer: an egress proxy set in the environment
+    # (http_proxy, grpc_proxy) must not carry the session.
+    ("grpc.enable_http_proxy", 0),
     ("grpc.max_reconnect_backoff_ms", 1_000),
 )
 

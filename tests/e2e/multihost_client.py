@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import openai
 
 _print_lock = threading.Lock()
@@ -135,9 +136,11 @@ def main() -> int:
     args = parser.parse_args()
     with open(args.requests) as f:
         specs = json.load(f)
+    # The gateway is on this host's bridge: a proxy from the environment must not see it.
     client = openai.OpenAI(
-        base_url=f"{args.base_url}/v1", api_key="unused", max_retries=0, timeout=args.timeout
-    )
+        base_url=f"{args.base_url}/v1", api_key="unused", max_retries=0, timeout=args.timeout,
+        http_client=httpx.Client(trust_env=False, timeout=args.timeout),
+    )  # fmt: skip
     model = client.models.list().data[0].id
     streams = [Stream(i, spec, args.started) for i, spec in enumerate(specs)]
     threads = [threading.Thread(target=s.run, args=(client, model), daemon=True) for s in streams]

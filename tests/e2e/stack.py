@@ -218,7 +218,8 @@ class Gateway(Process):
         import httpx
 
         deadline = time.monotonic() + timeout
-        while httpx.get(f"{self.base_url}/ready", timeout=5).status_code != 200:
+        url = f"{self.base_url}/ready"  # never through a proxy from the environment
+        while httpx.get(url, timeout=5, trust_env=False).status_code != 200:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"gateway not ready in {timeout} s:\n{self.log}")
             time.sleep(0.1)

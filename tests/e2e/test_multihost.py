@@ -13,8 +13,9 @@ the near-tie rule of tests/worker_svc/hf_oracle.py) and no client error. The RES
 shows each streamed token through its text (the logprobs' tokens), so tokens are
 compared as the texts of the offline token ids, each decoded alone as the gateway does.
 The survivor must have sampled at least every token the clients got after the death
-was declared. Then the link comes back and the cut worker must register again, as a new
-replica.
+was declared. Then the link comes back and the cut worker must register again, once, as a new
+replica. Every process has an unreachable egress proxy in its environment, which
+nothing between the hosts may use.
 
 Needs root and iproute2; elsewhere it skips with the reason, except in CI (``CI=true``),
 where it fails. Every namespace it made (and with them every link) is gone afterwards.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import re
 import subprocess
@@ -56,6 +58,12 @@ SCHEDULER_FLAGS = [
     "--heartbeat-interval-ms", str(HEARTBEAT_INTERVAL_MS),
     "--heartbeat-timeout-ms", str(HEARTBEAT_TIMEOUT_MS),
 ]  # fmt: skip
+# An egress proxy in every process's environment, as a corporate network sets one: no
+# traffic between pagoda's hosts may go through it (192.0.2.1 is TEST-NET-1, unreachable).
+PROXY_ENV = {
+    name: "http://192.0.2.1:3128"
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "grpc_proxy")
+}
 WORKER_FLAGS = ["--kv-cache-memory", "64MiB", "--threads", "1"]
 # Long enough that every stream still runs for seconds after the cut (which comes as soon
 # as each has its first tokens), well past the heartbeat timeout.
@@ -135,8 +143,9 @@ class Cluster:
     def start(self, model: Path) -> None:
         sched, gw = self.sched, self.gw
         self.scheduler = Scheduler(
-            model, extra=["--host", sched.ip, *SCHEDULER_FLAGS], launcher=sched.launcher
-        )
+            model, extra=["--host", sched.ip, *SCHEDULER_FLAGS], env=PROXY_ENV,
+            launcher=sched.launcher,
+        )  # fmt: skip
         grpc_port = self.scheduler.grpc_addr.rsplit(":", 1)[1]
         step_addr = self.scheduler.step_addr
         assert step_addr.startswith(f"{sched.ip}:"), step_addr
@@ -144,14 +153,14 @@ class Cluster:
         def worker(name: str) -> Worker:
             host = self.hosts[name]
             flags = [*WORKER_FLAGS, "--http-host", host.ip]
-            env = {"PAGODA_SHARED_SECRET": SECRET}
+            env = {"PAGODA_SHARED_SECRET": SECRET, **PROXY_ENV}
             return Worker(model, step_addr, name, flags, env, launcher=host.launcher)
 
         with ThreadPoolExecutor(len(self.hosts)) as pool:
             loading = {name: pool.submit(worker, name) for name in self.hosts}
             self.gateway = Gateway(
                 model, f"{sched.ip}:{grpc_port}", extra=["--host", gw.ip], ready=False,
-                launcher=gw.launcher,
+                env=PROXY_ENV, launcher=gw.launcher,
             )  # fmt: skip
             self.workers = {name: future.result() for name, future in loading.items()}
         gw.call(self.gateway.wait_ready, 60.0, timeout=90)
@@ -208,7 +217,7 @@ class Client:
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
             argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            bufsize=1, start_new_session=True,
+            bufsize=1, start_new_session=True, env={**os.environ, **PROXY_ENV},
         )  # fmt: skip
         threading.Thread(target=self._read, daemon=True).start()
 
