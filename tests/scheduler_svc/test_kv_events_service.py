@@ -19,7 +19,6 @@ from dataclasses import replace
 import pytest
 import zmq
 
-from pagoda.model_card import ModelCard
 from pagoda.v1 import kv_events_pb2
 from scheduler_svc import kv_events
 from scheduler_svc.config import SchedulerConfig
@@ -38,7 +37,7 @@ from tests.scheduler_svc.service_harness import (
     running_service,
     wait_until,
 )
-from tests.worker_svc.hf_oracle import VOCAB_SIZE, build_model, random_prompts
+from tests.worker_svc.hf_oracle import VOCAB_SIZE, random_prompts
 
 # 12 blocks of 16 tokens per replica, max_model_len 128: about two sequences at a time,
 # so the cached prefixes of earlier requests are evicted by later ones.
@@ -56,17 +55,8 @@ def fast_heartbeats(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model("llama", tmp_path_factory.mktemp("kv-events"))
-
-
-@pytest.fixture(scope="module")
-def card(model_dir):
-    return ModelCard.load(model_dir)
-
-
-@pytest.fixture(scope="module")
 def runners(model_dir):
+    """The shared fixture's runners with KV_BLOCKS (12) blocks, so that prefixes evict."""
     from worker_svc.model_runner import ModelRunner
 
     return [
