@@ -72,8 +72,8 @@ def paged_cache(ctx_lens: list[int], seed: int = 0):
 
 
 def decode_case(num_seqs: int, ctx: int, copy_gbs: float) -> dict[str, Any]:
-    from kernels import attention as reference
-    from kernels import triton_attention as tri
+    from pagoda_kernels import attention as reference
+    from pagoda_kernels import triton_attention as tri
 
     k, v, tables, lens = paged_cache([ctx] * num_seqs)
     q = torch.randn(num_seqs, HEADS, HEAD_DIM, device="cuda").to(DTYPE)
@@ -92,7 +92,7 @@ def decode_case(num_seqs: int, ctx: int, copy_gbs: float) -> dict[str, Any]:
 
 
 def prefill_case(num_seqs: int, q_len: int, prefix: int) -> dict[str, Any]:
-    from kernels import triton_attention as tri
+    from pagoda_kernels import triton_attention as tri
 
     ctx = prefix + q_len
     k, v, tables, lens = paged_cache([ctx] * num_seqs, seed=1)

@@ -14,5 +14,5 @@ fi
 PYTHONPATH="$PWD/$target" TRITON_INTERPRET=1 .venv/bin/python -c \
     'import triton; assert triton.__version__.startswith("3.6"), triton.__version__'
 PYTHONPATH="$PWD/$target" TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -p no:cacheprovider \
-    -W ignore::DeprecationWarning tests/kernels/test_triton_attention.py \
-    tests/kernels/test_triton_cache.py tests/kernels/test_triton_pointwise.py
+    -W ignore::DeprecationWarning tests/pagoda_kernels/test_triton_attention.py \
+    tests/pagoda_kernels/test_triton_cache.py tests/pagoda_kernels/test_triton_pointwise.py

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kernels.dispatch import Ops
+from pagoda_kernels.dispatch import Ops
 from worker_svc.models import build_model, model_class
 
 DTYPES = {

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from kernels.dispatch import get_ops
 from pagoda.model_card import eos_ids, hf_eos_token_ids, max_model_len_of
 from pagoda.sampling_params import SamplingParams
 from pagoda.v1 import step_pb2
+from pagoda_kernels.dispatch import get_ops
 from worker_svc import kv_cache
 from worker_svc.cuda_graphs import DEFAULT_MAX_BATCH, DecodeGraphs
 from worker_svc.layers import cpu_gemm

@@ -26,7 +26,7 @@ COPY pagoda /src/pagoda
 COPY gateway /src/gateway
 COPY scheduler_svc /src/scheduler_svc
 COPY worker_svc /src/worker_svc
-COPY kernels /src/kernels
+COPY pagoda_kernels /src/pagoda_kernels
 # The default model's declared dependencies are not needed (one builds from source).
 RUN /opt/pagoda/bin/pip install --no-build-isolation --constraint /tmp/constraints.txt \
         "/src[worker]" \

@@ -118,7 +118,7 @@ def test_health_as_a_command_loads_no_service_and_no_torch(probe_port):
         "import sys\n"
         "from pagoda.cli import main\n"
         f"code = main(['health', '--port', '{probe_port}'])\n"
-        "heavy = ('gateway', 'scheduler_svc', 'worker_svc', 'kernels', 'torch', 'grpc')\n"
+        "heavy = ('gateway', 'scheduler_svc', 'worker_svc', 'pagoda_kernels', 'torch', 'grpc')\n"
         "print(code, sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run(

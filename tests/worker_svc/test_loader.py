@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels.dispatch import TORCH
+from pagoda_kernels.dispatch import TORCH
 from tests.worker_svc.hf_oracle import build_model
 from worker_svc.loader import load_model
 

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels.triton_support import LAUNCHES
 from pagoda import LLM, SamplingParams
+from pagoda_kernels.triton_support import LAUNCHES
 from tests.worker_svc.hf_oracle import (
     assert_matches_reference,
     build_model,

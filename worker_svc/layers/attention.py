@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.dispatch import Ops
+from pagoda_kernels.dispatch import Ops
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import Ops
+from pagoda_kernels.dispatch import Ops
 
 
 class RMSNorm(nn.Module):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.dispatch import Ops
+from pagoda_kernels.dispatch import Ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

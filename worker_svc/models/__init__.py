@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kernels.dispatch import Ops
+from pagoda_kernels.dispatch import Ops
 from worker_svc.models.gpt2 import GPT2LMHeadModel
 from worker_svc.models.llama import LlamaForCausalLM
 from worker_svc.models.opt import OPTForCausalLM

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.dispatch import Ops
+from pagoda_kernels.dispatch import Ops
 from worker_svc.layers.attention import Attention, AttentionMetadata
 from worker_svc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker_svc.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear

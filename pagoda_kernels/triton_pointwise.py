@@ -1,7 +1,7 @@
 """Triton kernels for the pointwise ops: RMS norm, rotary embeddings and SwiGLU.
 
-Same signatures and semantics as :mod:`kernels.norm`, :mod:`kernels.rotary` and
-:mod:`kernels.activation`, each in one launch instead of a chain of torch ops with a
+Same signatures and semantics as :mod:`pagoda_kernels.norm`, :mod:`pagoda_kernels.rotary` and
+:mod:`pagoda_kernels.activation`, each in one launch instead of a chain of torch ops with a
 temporary between every two. They read strided views as the model makes them (q and
 k are views of a fused qkv row), so nothing is copied before a launch.
 
@@ -18,7 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_support import FLOAT_DTYPES, INTERPRET, LAUNCHES, AotVariant, check_device, ptr
+from pagoda_kernels.triton_support import (
+    FLOAT_DTYPES,
+    INTERPRET,
+    LAUNCHES,
+    AotVariant,
+    check_device,
+    ptr,
+)
 
 RMS_NORM = "rms_norm"
 ROTARY = "rotary_embedding"

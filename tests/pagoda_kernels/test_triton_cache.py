@@ -19,9 +19,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import cache
-from kernels import triton_cache as tc
-from kernels.triton_support import LAUNCHES
+from pagoda_kernels import cache
+from pagoda_kernels import triton_cache as tc
+from pagoda_kernels.triton_support import LAUNCHES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = Path(__file__).resolve().parents[2]
@@ -131,7 +131,7 @@ def test_no_tokens_launch_nothing():
 def test_every_variant_compiles_for_gpus():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "kernels.aot", "kernels.triton_cache"],
+        [sys.executable, "-m", "pagoda_kernels.aot", "pagoda_kernels.triton_cache"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from kernels.activation import silu_and_mul
-from kernels.dispatch import TORCH, available_backends, get_ops
-from kernels.norm import rms_norm
-from kernels.rotary import rotary_embedding
+from pagoda_kernels.activation import silu_and_mul
+from pagoda_kernels.dispatch import TORCH, available_backends, get_ops
+from pagoda_kernels.norm import rms_norm
+from pagoda_kernels.rotary import rotary_embedding
 from worker_svc.layers.rotary import inverse_frequencies
 
 GEN = torch.Generator().manual_seed(0)

@@ -19,8 +19,8 @@ from functools import cache
 
 import torch
 
-from kernels import activation, attention, norm, rotary
-from kernels import cache as kv_cache
+from pagoda_kernels import activation, attention, norm, rotary
+from pagoda_kernels import cache as kv_cache
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ TORCH = Ops(
 @cache
 def triton_ops() -> Ops:
     """The Triton kernels (imports triton on first use)."""
-    from kernels import triton_attention, triton_cache, triton_pointwise
+    from pagoda_kernels import triton_attention, triton_cache, triton_pointwise
 
     return Ops(
         name="triton",
@@ -91,7 +91,7 @@ def get_ops(backend: str = "auto", device: torch.device | str = "cpu") -> Ops:
             + ", ".join(available_backends())
         ) from None
     if backend == "triton":
-        from kernels.triton_support import INTERPRET
+        from pagoda_kernels.triton_support import INTERPRET
 
         if device.type != "cuda" and not INTERPRET:
             raise ValueError(

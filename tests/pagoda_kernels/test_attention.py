@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from kernels.attention import paged_attention_decode, paged_attention_prefill
-from kernels.cache import reshape_and_cache
-from tests.kernels.paged_case import PagedCase, naive_attention
+from pagoda_kernels.attention import paged_attention_decode, paged_attention_prefill
+from pagoda_kernels.cache import reshape_and_cache
+from tests.pagoda_kernels.paged_case import PagedCase, naive_attention
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 

@@ -1,6 +1,6 @@
 """Paged attention in Triton: prefill chunks with a cached prefix, and decodes.
 
-Same signatures and conventions as the torch reference in ``kernels/attention.py``
+Same signatures and conventions as the torch reference in ``pagoda_kernels/attention.py``
 (caches ``[num_blocks, block_size, kv_heads, head_dim]``, one block table row per
 sequence, ``context_lens`` counting the step's own tokens, GQA by ``h // group``,
 optional sliding window).
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_support import (
+from pagoda_kernels.triton_support import (
     FLOAT_DTYPES,
     INTERPRET,
     LAUNCHES,

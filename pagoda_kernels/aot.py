@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant ahead of time for real GPU targets.
 
-    python -m kernels.aot [MODULE ...]
+    python -m pagoda_kernels.aot [MODULE ...]
 
 No GPU is needed: Triton lowers each variant down to a cubin for every
 architecture in ``AOT_ARCHS``, which fails on what the interpreter accepts but a
@@ -19,9 +19,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-from kernels.triton_support import AOT_ARCHS, INTERPRET, AotVariant
+from pagoda_kernels.triton_support import AOT_ARCHS, INTERPRET, AotVariant
 
-MODULES = ("kernels.triton_attention", "kernels.triton_cache", "kernels.triton_pointwise")
+MODULES = (
+    "pagoda_kernels.triton_attention",
+    "pagoda_kernels.triton_cache",
+    "pagoda_kernels.triton_pointwise",
+)
 
 
 def variants_of(module_name: str) -> list[AotVariant]:
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", default=list(MODULES))
     args = parser.parse_args(argv)
     if INTERPRET:
-        print("kernels.aot: unset TRITON_INTERPRET to compile", file=sys.stderr)
+        print("pagoda_kernels.aot: unset TRITON_INTERPRET to compile", file=sys.stderr)
         return 2
     start = time.perf_counter()
     count, failures = compile_all(args.modules)

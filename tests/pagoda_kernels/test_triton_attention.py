@@ -18,10 +18,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import attention as reference
-from kernels import triton_attention as tri
-from kernels.triton_support import LAUNCHES
-from tests.kernels.paged_case import PagedCase
+from pagoda_kernels import attention as reference
+from pagoda_kernels import triton_attention as tri
+from pagoda_kernels.triton_support import LAUNCHES
+from tests.pagoda_kernels.paged_case import PagedCase
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Absolute and relative tolerance per dtype: float32 runs exact float32 products; the
@@ -173,7 +173,7 @@ def test_mismatched_heads_are_refused():
 def test_cpu_tensors_need_the_interpreter():
     """Outside interpreter mode a CPU tensor gets a clear error (checked in a fresh process)."""
     code = (
-        "import torch; from kernels import triton_attention as t\n"
+        "import torch; from pagoda_kernels import triton_attention as t\n"
         "c = torch.zeros(1, 16, 1, 64)\n"
         "try:\n"
         "    t.paged_attention_decode(torch.zeros(1, 1, 64), c, c, torch.zeros(1, 1, "
@@ -192,7 +192,7 @@ def test_every_attention_kernel_compiles_for_gpus():
     """Every kernel, dtype (bfloat16 included) and branch compiles for sm80 and sm90."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "kernels.aot", "kernels.triton_attention"],
+        [sys.executable, "-m", "pagoda_kernels.aot", "pagoda_kernels.triton_attention"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr

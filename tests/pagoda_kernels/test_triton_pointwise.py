@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import activation, norm, rotary
-from kernels import triton_pointwise as tp
-from kernels.triton_support import LAUNCHES
+from pagoda_kernels import activation, norm, rotary
+from pagoda_kernels import triton_pointwise as tp
+from pagoda_kernels.triton_support import LAUNCHES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = Path(__file__).resolve().parents[2]
@@ -210,7 +210,7 @@ def test_empty_inputs_launch_nothing():
 def test_every_variant_compiles_for_gpus():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "kernels.aot", "kernels.triton_pointwise"],
+        [sys.executable, "-m", "pagoda_kernels.aot", "pagoda_kernels.triton_pointwise"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -1,6 +1,6 @@
 """Triton kernel that writes a step's new keys and values into the paged KV cache.
 
-Same signature and semantics as :func:`kernels.cache.reshape_and_cache`, without its
+Same signature and semantics as :func:`pagoda_kernels.cache.reshape_and_cache`, without its
 host-side filtering of padding slots (``slot_mapping < 0`` forces a device sync) and
 its two gathers: one launch copies each token's key and value row straight to its
 slot and skips slots of -1. The copy does no arithmetic, so it needs no ``UPCAST``
@@ -13,7 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_support import FLOAT_DTYPES, INTERPRET, LAUNCHES, AotVariant, check_device, ptr
+from pagoda_kernels.triton_support import (
+    FLOAT_DTYPES,
+    INTERPRET,
+    LAUNCHES,
+    AotVariant,
+    check_device,
+    ptr,
+)
 
 KERNEL = "reshape_and_cache"
 
