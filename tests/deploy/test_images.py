@@ -9,7 +9,8 @@ service binds beyond loopback and exposes the ports it listens on; the HEALTHCHE
 user is not root; the base image is pinned. The slim images install no compiler and
 no torch and carry the default model's card; the workers keep gcc and g++, carry the
 default model and keep every cache on a volume. Every ``pip install`` is pinned through
-deploy/docker/constraints.txt, whose versions satisfy pyproject.toml.
+requirements/lock.txt (the lock the README's set-up installs too), whose versions
+satisfy pyproject.toml.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from packaging.version import Version
 
 from pagoda import cli
 from pagoda.default_model import DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_VERSION
-from tests.deploy.dockerfile import Dockerfile, Image, ignored, read_dockerignore, shell_commands
+from tests.deploy.dockerfile import Dockerfile, Image, shell_commands
 from tests.deploy.tools import REPO, tool
+from tests.lock import LOCK, PINS_IN, linux_x86_64, pins, requirements
 
 DOCKER = REPO / "deploy" / "docker"
 HADOLINT_CONFIG = DOCKER / ".hadolint.yaml"
-CONSTRAINTS = DOCKER / "constraints.txt"
 DOCKERFILES = sorted(DOCKER.glob("*Dockerfile"))
 # Each Dockerfile's targets, and the role (the `pagoda` subcommand) each one runs.
 TARGETS = {
@@ -43,6 +44,9 @@ TARGETS = {
     "worker-cpu.Dockerfile": {"worker": "worker"},
     "worker-cuda.Dockerfile": {"worker": "worker"},
 }
+# The Python each Dockerfile's virtual environment runs on.
+PYTHONS = {"slim.Dockerfile": "3.11", "worker-cpu.Dockerfile": "3.11",
+           "worker-cuda.Dockerfile": "3.12"}  # fmt: skip
 ALL_TARGETS = [(f, t) for f, targets in TARGETS.items() for t in targets]
 # Per role: the parsed flag of its bind address, of its probe port, of every port it
 # listens on.
@@ -354,34 +358,18 @@ def assert_installs_default_model(runs: list[str]) -> None:
 # --- pinned installs --------------------------------------------------------------------------
 
 
-def constraints() -> dict[str, Requirement]:
-    pins: dict[str, Requirement] = {}
-    for line in CONSTRAINTS.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            req = Requirement(line)
-            name = canonicalize_name(req.name)
-            assert name not in pins, f"{name} is pinned twice"
-            assert len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==", line
-            pins[name] = req
-    return pins
-
-
-def pinned_version(req: Requirement) -> Version:
-    return Version(next(iter(req.specifier)).version)
-
-
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_every_pip_install_is_pinned_by_the_constraints(path):
+def test_every_pip_install_is_pinned_by_the_lock(path):
+    lock = str(LOCK.relative_to(REPO))
     dockerfile = Dockerfile(path)
     copied = {
         shlex.split(i.args)[-1]
         for s in dockerfile.stages
         for i in s.instructions
-        if i.keyword == "COPY" and "deploy/docker/constraints.txt" in shlex.split(i.args)
+        if i.keyword == "COPY" and lock in shlex.split(i.args)
     }
-    assert copied, f"{path.name} does not copy deploy/docker/constraints.txt"
-    pins = constraints()
+    assert copied, f"{path.name} does not copy {lock}"
+    locked = pins(linux_x86_64(PYTHONS[path.name]))
     installs = pip_installs([i.args for s in dockerfile.stages for i in s.instructions
                              if i.keyword == "RUN"])  # fmt: skip
     assert installs
@@ -396,100 +384,30 @@ def test_every_pip_install_is_pinned_by_the_constraints(path):
             spec = list(req.specifier)
             assert len(spec) == 1 and spec[0].operator == "==", f"{requirement} is not pinned"
             name = canonicalize_name(req.name)
-            assert name in pins, f"{requirement} is not in constraints.txt"
+            version = Version(spec[0].version)
+            if name == canonicalize_name(DEFAULT_MODEL_PACKAGE):  # installed --no-deps
+                assert version == Version(DEFAULT_MODEL_VERSION), requirement
+                continue
+            assert name in locked, f"{requirement} is not in {lock}"
             # A local version (2.13.0+cpu) is the same release as the pin (2.13.0).
-            assert Version(spec[0].version).public == str(pinned_version(pins[name])), (
-                f"{requirement} differs from constraints.txt's {pins[name]}"
+            assert version.public == str(locked[name]), (
+                f"{requirement} differs from the lock's {locked[name]}"
             )
 
 
-def test_the_constraints_satisfy_pyproject():
+def test_the_lock_satisfies_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pins = constraints()
-    wanted = project["dependencies"] + project["optional-dependencies"]["worker"]
+    extras = project["optional-dependencies"]
+    wanted = [Requirement(text) for text in project["dependencies"] + extras["worker"]
+              + extras["dev"]] + requirements(PINS_IN)  # fmt: skip
     for python in ("3.11", "3.12"):  # the slim and CPU images, the CUDA image
-        environment = {
-            "python_version": python,
-            "platform_system": "Linux",
-            "platform_machine": "x86_64",
-            "sys_platform": "linux",
-            "extra": "",
-        }
-        for text in wanted:
-            req = Requirement(text)
+        environment = linux_x86_64(python)
+        locked = pins(environment)
+        for req in wanted:
             if req.marker is not None and not req.marker.evaluate(environment):
                 continue
             name = canonicalize_name(req.name)
-            assert name in pins, f"{req.name} is not pinned in constraints.txt"
-            assert req.specifier.contains(pinned_version(pins[name]), prereleases=True), (
-                f"{pins[name]} does not satisfy pyproject's {text}"
+            assert name in locked, f"{req.name} is not pinned in the lock"
+            assert req.specifier.contains(locked[name], prereleases=True), (
+                f"the lock's {name}=={locked[name]} does not satisfy {req}"
             )
-    model = pins[canonicalize_name(DEFAULT_MODEL_PACKAGE)]
-    assert pinned_version(model) == Version(DEFAULT_MODEL_VERSION)
-
-
-# --- the build context ------------------------------------------------------------------------
-
-
-def test_the_build_context_holds_what_the_images_copy_and_nothing_else():
-    rules = read_dockerignore(REPO / ".dockerignore")
-    for path in (".git", ".venv", ".cache", "tests", "tests/e2e/node/node_modules", "docs",
-                 "bench", "pagoda.egg-info", "pagoda/__pycache__/cli.cpython-311.pyc"):  # fmt: skip
-        assert ignored(rules, path), f"{path} would be sent to the daemon"
-    for dockerfile in DOCKERFILES:
-        for stage in Dockerfile(dockerfile).stages:
-            for ins in stage.instructions:
-                if ins.keyword not in ("COPY", "ADD") or "--from=" in ins.args:
-                    continue
-                for source in [w for w in shlex.split(ins.args) if not w.startswith("--")][:-1]:
-                    assert (REPO / source).exists(), f"{dockerfile.name}: {source} is missing"
-                    assert not ignored(rules, source), f"{dockerfile.name}: {source} is ignored"
-    assert not ignored(rules, "pagoda/cli.py")
-    assert not ignored(rules, "worker_svc/server.py")
-
-
-# --- the reader itself ----------------------------------------------------------------------
-
-
-def test_the_reader_follows_dockers_rules(tmp_path):
-    """The checks above are only as good as this reading of a Dockerfile."""
-    path = tmp_path / "x.Dockerfile"
-    path.write_text(
-        "ARG BASE=python:3.11.14-slim\n"
-        "FROM ${BASE} AS base\n"
-        "ENV A=/a\n"
-        "ENV B=$A/b \\\n"
-        "# a comment inside a continued instruction\n"
-        "    D=$B/d\n"
-        'CMD ["serve"]\n'
-        'HEALTHCHECK --interval=5s CMD ["probe"]\n'
-        "FROM base AS one\n"
-        'ENTRYPOINT ["tool"]\n'
-        "ENV C=${B}/c A=/z\n"
-        "FROM base AS two\n"
-        "HEALTHCHECK NONE\n"
-        "CMD run it\n"
-        "FROM python:3.11.14-slim AS three\n"
-        "COPY --from=base /a /a\n"
-    )
-    dockerfile = Dockerfile(path)
-    assert dockerfile.targets() == ["one", "two", "three"]
-    one, two, three = (dockerfile.image(t) for t in ("one", "two", "three"))
-    assert one.base_image == "python:3.11.14-slim"
-    # Within one ENV, substitution sees the values from before it (D: B was unset).
-    assert one.env == {"A": "/z", "B": "/a/b", "D": "$B/d", "C": "/a/b/c"}
-    assert one.entrypoint.argv == ["tool"] and one.cmd is None  # ENTRYPOINT resets CMD
-    assert one.healthcheck.options == {"--interval": "5s"}
-    assert one.healthcheck.command.argv == ["probe"]
-    assert two.healthcheck.command is None
-    assert (two.cmd.exec_form, two.cmd.argv) == (False, ["/bin/sh", "-c", "run it"])
-    assert three.env == {} and three.copies_from() == [("base", ["/a"], "/a")]
-
-
-def test_the_dockerignore_reader_follows_dockers_rules(tmp_path):
-    path = tmp_path / ".dockerignore"
-    path.write_text("*\n!src\n**/__pycache__\n!keep/this.txt\n")
-    rules = read_dockerignore(path)
-    assert ignored(rules, ".git") and ignored(rules, "docs/index.md")
-    assert not ignored(rules, "src/a.py") and ignored(rules, "src/pkg/__pycache__/a.pyc")
-    assert not ignored(rules, "keep/this.txt") and ignored(rules, "keep/that.txt")

@@ -1,14 +1,14 @@
 """The gateway and the scheduler run from the base install alone, as in the slim image.
 
 A virtual environment with pagoda's base dependencies only (``.cache/slim-venv``,
-pinned by deploy/docker/constraints.txt like the image) has no torch and no
+pinned by requirements/lock.txt like the image) has no torch and no
 transformers; ``pagoda prepare-model`` there says it needs a full install. A scheduler
 and a gateway started from it, with a worker from the full environment, serve the
 tiny random Llama (fp32) to the official ``openai`` client and to a gRPC client, and
 every greedy answer equals the offline ``pagoda.LLM``'s.
 
-The environment is built once and reused while pyproject.toml, the constraints and
-the interpreter are unchanged (a stamp file holds their hash).
+The environment is built (by the project's uv) once and reused while pyproject.toml,
+the lock and the interpreter are unchanged (a stamp file holds their hash).
 """
 
 from __future__ import annotations
@@ -28,17 +28,17 @@ from pagoda import LLM, SamplingParams
 from pagoda.default_model import default_model_path
 from pagoda.v1 import api_pb2, api_pb2_grpc, common_pb2
 from tests.e2e.stack import REPO, Gateway, Scheduler, Worker, tiny_model
+from tests.lock import LOCK
 
 SLIM_VENV = REPO / ".cache" / "slim-venv"
 STAMP = SLIM_VENV / "pagoda-stamp"
-CONSTRAINTS = REPO / "deploy" / "docker" / "constraints.txt"
 MAX_TOKENS = 12
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land", "abc"]
 
 
 def _stamp() -> str:
     digest = hashlib.sha256(sys.version.encode())
-    for path in (REPO / "pyproject.toml", CONSTRAINTS):
+    for path in (REPO / "pyproject.toml", LOCK):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -59,9 +59,10 @@ def slim_python() -> Path:
         stamp = _stamp()
         if not (python.exists() and STAMP.is_file() and STAMP.read_text() == stamp):
             shutil.rmtree(SLIM_VENV, ignore_errors=True)
-            _run([sys.executable, "-m", "venv", str(SLIM_VENV)])
-            _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                  "--constraint", str(CONSTRAINTS), "-e", str(REPO)])  # fmt: skip
+            uv = str(Path(sys.executable).with_name("uv"))
+            _run([uv, "--quiet", "venv", "--python", sys.executable, str(SLIM_VENV)])
+            _run([uv, "--quiet", "pip", "install", "--python", str(python), "--constraints",
+                  str(LOCK), "--build-constraints", str(LOCK), "-e", str(REPO)])  # fmt: skip
             STAMP.write_text(stamp)
     return python
 
