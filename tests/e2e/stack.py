@@ -66,17 +66,24 @@ class Process:
     """A child ``pagoda`` process whose stderr is kept and searched for log lines.
 
     ``launcher`` runs it: by default this interpreter; another virtual environment's
-    python, or ``ip netns exec NS python`` to run it on another host.
+    python, or ``ip netns exec NS python`` to run it on another host. With
+    ``console_script``, the installed ``pagoda`` command runs it instead, as a user
+    would. It runs in ``cwd``, the repository by default.
     """
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None, name: str = "",
-                 launcher: list[str] | None = None):  # fmt: skip
+                 launcher: list[str] | None = None, console_script: bool = False,
+                 cwd: Path = REPO):  # fmt: skip
         self.name = name or argv[0]
         self.lines: list[str] = []
         self._cond = threading.Condition()
+        if console_script:
+            command = [str(Path(sys.executable).with_name("pagoda"))]
+        else:
+            command = [*(launcher or [sys.executable]), "-m", "pagoda"]
         self.proc = subprocess.Popen(
-            [*(launcher or [sys.executable]), "-m", "pagoda", *argv],
-            cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+            [*command, *argv],
+            cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
         )  # fmt: skip
         threading.Thread(target=self._read, daemon=True).start()
@@ -134,10 +141,12 @@ class Serve(Process):
     """``pagoda serve`` with the gateway on free ports; addresses read from its banner."""
 
     def __init__(self, model: Path | None, workers: int = 1, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None):  # fmt: skip
+                 env: dict[str, str] | None = None, console_script: bool = False,
+                 cwd: Path = REPO):  # fmt: skip
         argv = ["serve", "--workers", str(workers), "--port", "0", "--grpc-port", "0"]
         argv += ["--model", str(model)] if model else []
-        super().__init__(argv + (extra or []), env, name="pagoda serve")
+        super().__init__(argv + (extra or []), env, name="pagoda serve",
+                         console_script=console_script, cwd=cwd)  # fmt: skip
         http = self.wait_for(r"OpenAI REST: (http://\S+)/v1", timeout=600).group(1)
         self.base_url = http
         self.grpc_addr = self.wait_for(r"gRPC:\s+(\S+)").group(1)
