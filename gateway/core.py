@@ -24,7 +24,7 @@ from gateway import errors
 from gateway.metrics import Metrics
 from gateway.requests import ActiveRequest, RequestGroup, RequestTable
 from gateway.session import SessionClient
-from pagoda.model_card import ModelCard
+from pagoda.model_card.card import ModelCard
 from pagoda.sampling_params import SamplingParams
 from pagoda.text import Tokenizer
 from pagoda.v1 import common_pb2, session_pb2

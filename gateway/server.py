@@ -32,7 +32,8 @@ from gateway.core import Gateway
 from gateway.grpc_api import Health, add_services
 from gateway.openai_api import HttpSettings, build_app
 from gateway.session import SessionClient
-from pagoda.model_card import ModelCard, ModelCardError
+from pagoda.model_card.card import ModelCard
+from pagoda.model_card.errors import ModelCardError
 from pagoda.secrets import read_secret
 from pagoda.text import Tokenizer
 

@@ -103,10 +103,10 @@ def _prepare_model(args: argparse.Namespace) -> int:
     # The worker side (transformers, gguf, torch) loads only when this command runs, so
     # `pagoda` itself stays importable in the torch-free gateway and scheduler installs.
     from pagoda.default_model import default_model_path
-    from pagoda.model_card import ModelCardError
+    from pagoda.model_card.errors import ModelCardError
 
     try:
-        from worker_svc.model_card_writer import prepare_model_card
+        from pagoda.model_card.writer import prepare_model_card
 
         model = Path(args.model) if args.model else default_model_path()
         card = prepare_model_card(model, args.out, name=args.name)

@@ -335,7 +335,7 @@ def _load_tokenizer(model: Path, tokenizer: str | Path | None) -> Tokenizer | No
     if tokenizer is not None:
         return Tokenizer.from_dir(Path(tokenizer))
     if model.is_file():
-        from worker_svc.model_card_writer import ensure_model_card
+        from pagoda.model_card.writer import ensure_model_card
 
         return Tokenizer.from_dir(ensure_model_card(model).tokenizer_dir)
     if (model / "tokenizer.json").is_file():

@@ -160,7 +160,7 @@ def _forward(child: Child, patterns: dict[str, re.Pattern]) -> None:
 def prepare_card(model: str | None) -> tuple[Path, Path]:
     """(weights, card): the model a worker loads and the card folder the others read."""
     from pagoda.default_model import default_model_path
-    from worker_svc.model_card_writer import ensure_model_card
+    from pagoda.model_card.writer import ensure_model_card
 
     weights = Path(model) if model else default_model_path()
     if not weights.exists():

@@ -17,7 +17,7 @@ import sys
 import uvloop
 import zmq
 
-from pagoda.model_card import ModelCard
+from pagoda.model_card.card import ModelCard
 from pagoda.secrets import read_secret
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.service import SchedulerService

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagoda.model_card import ModelCard
+from pagoda.model_card.card import ModelCard
 from pagoda.probes import ProbeServer
 from pagoda.v1 import session_pb2, session_pb2_grpc
 from scheduler_svc.config import SchedulerConfig

@@ -42,7 +42,7 @@ def read_config(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
     if is_gguf(path):
-        from worker_svc.gguf import read_gguf_config
+        from pagoda.model_card.gguf_metadata import read_gguf_config
 
         return read_gguf_config(path)
     file = path / "config.json"
@@ -143,7 +143,8 @@ def load_model(
     """Build the model for a checkpoint and fill its weights; returns (model, config, dtype)."""
     path = Path(path)
     if is_gguf(path):
-        from worker_svc.gguf import load_gguf, open_gguf, read_gguf_config
+        from pagoda.model_card.gguf_metadata import open_gguf, read_gguf_config
+        from worker_svc.gguf import load_gguf
 
         reader = open_gguf(path)  # parsing the metadata takes seconds: once
         config = {"dtype": "bfloat16", **read_gguf_config(reader)}

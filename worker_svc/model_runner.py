@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pagoda.model_card import eos_ids, hf_eos_token_ids, max_model_len_of
+from pagoda.model_card.hf_config import eos_ids, hf_eos_token_ids, max_model_len_of
 from pagoda.sampling_params import SamplingParams
 from pagoda.v1 import step_pb2
 from pagoda_kernels.dispatch import get_ops

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from pagoda.default_model import default_model_path
-from pagoda.model_card import ModelCardError
+from pagoda.model_card.errors import ModelCardError
+from pagoda.model_card.writer import identity_of
 from pagoda.secrets import read_secret
-from worker_svc.model_card_writer import identity_of
 from worker_svc.service import ModelInfo, Runner, WorkerService, WorkerSettings
 
 log = logging.getLogger("pagoda.worker")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pagoda.model_card import MODEL_JSON
+from pagoda.model_card.card import MODEL_JSON
 from tests.deploy import k8s
 from tests.deploy.k8s import (
     OVERLAYS,

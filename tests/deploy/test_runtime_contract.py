@@ -49,7 +49,7 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def card(model, tmp_path_factory):
     """The card the model-pvc component's Job writes: prepare-model of the weights."""
-    from worker_svc.model_card_writer import prepare_model_card
+    from pagoda.model_card.writer import prepare_model_card
 
     out = tmp_path_factory.mktemp("card") / "card"
     prepare_model_card(model, out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pagoda.model_card import ModelCard
+from pagoda.model_card.card import ModelCard
 from pagoda.text import Tokenizer
 from tests.gateway.harness import GatewayProcess
 from tests.gateway.scheduler_double import SchedulerDouble

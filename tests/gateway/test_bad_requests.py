@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from pagoda.model_card import ModelCard
+from pagoda.model_card.card import ModelCard
 from pagoda.v1 import session_pb2
 from tests.gateway.conftest import MODEL_NAME, REPLIES
 from tests.gateway.harness import GatewayProcess

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from pagoda.model_card import ModelCard
+from pagoda.model_card.card import ModelCard
 from pagoda.text import Tokenizer
 from pagoda.v1 import api_pb2, api_pb2_grpc, common_pb2, session_pb2
 from tests.gateway.conftest import MODEL_NAME, REPLIES

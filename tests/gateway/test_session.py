@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pagoda.model_card import ModelCard
+from pagoda.model_card.card import ModelCard
 from tests.gateway.conftest import MODEL_NAME, REPLIES
 from tests.gateway.harness import GatewayProcess
 from tests.gateway.scheduler_double import SchedulerDouble

@@ -1,5 +1,5 @@
 """The ``pagoda`` command: every subcommand's help lists its options with their defaults;
-``pagoda health`` against a real HTTP server."""
+``pagoda health`` against a real HTTP server; the arguments of ``pagoda prepare-model``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,12 @@ def test_health_as_a_command_loads_no_service_and_no_torch(probe_port):
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert probe.returncode == code, probe.stderr
+
+
+def test_prepare_model_arguments():
+    parser = build_parser()
+    args = parser.parse_args(["prepare-model", "out"])
+    assert args.model is None and args.out == Path("out")  # None: the default model
+    args = parser.parse_args(["prepare-model", "m.gguf", "out", "--name", "n"])
+    assert (args.model, args.out, args.name) == ("m.gguf", Path("out"), "n")
+    assert parser.parse_args([]).__dict__.get("func") is None

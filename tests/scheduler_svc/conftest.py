@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagoda.model_card import ModelCard
+from pagoda.model_card.card import ModelCard
 from tests.scheduler_svc.service_harness import KV_BLOCKS, greedy
 from tests.worker_svc.hf_oracle import build_model, hf_greedy
 

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import zmq
 
-from pagoda.model_card import ModelCard
+from pagoda.model_card.card import ModelCard
 from pagoda.sampling_params import SamplingParams
 from pagoda.v1 import PROTOCOL_VERSION, session_pb2, session_pb2_grpc, step_pb2
 from scheduler_svc.config import SchedulerConfig

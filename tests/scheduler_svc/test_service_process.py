@@ -14,7 +14,7 @@ import urllib.request
 import grpc
 import pytest
 
-from pagoda.model_card import ModelCard
+from pagoda.model_card.card import ModelCard
 from pagoda.v1 import common_pb2, session_pb2
 from scheduler_svc import server
 from tests.scheduler_svc.service_harness import (

@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType, GGUFWriter  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
 from pagoda.default_model import default_model_path  # noqa: E402
+from pagoda.model_card.gguf_metadata import open_gguf, read_gguf_config, torch_shape  # noqa: E402
 from worker_svc import gguf as pgguf  # noqa: E402
 from worker_svc.gguf import GGUFError, hf_tensor_name, load_gguf, unpermute_qk  # noqa: E402
 
@@ -69,7 +70,7 @@ def default_gguf():
 @pytest.fixture(scope="module")
 def default_reader(default_gguf):
     """One reader for the module: parsing the 49k-token vocabulary takes seconds."""
-    return pgguf.open_gguf(default_gguf)
+    return open_gguf(default_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_q_and_k_as_stored_differ_from_transformers(default_reader, hf_default):
     stored = {t.name: t for t in default_reader.tensors}
     for gname, heads in (("blk.0.attn_q.weight", 9), ("blk.0.attn_k.weight", 3)):
         t = stored[gname]
-        raw = dequantize(t.data, t.tensor_type).reshape(pgguf._torch_shape(t))
+        raw = dequantize(t.data, t.tensor_type).reshape(torch_shape(t))
         ref = state[hf_tensor_name(gname)].numpy()
         assert np.abs(raw - ref).max() > 0.1
         assert np.array_equal(unpermute_qk(raw, heads), ref)
@@ -113,7 +114,7 @@ def test_q_and_k_as_stored_differ_from_transformers(default_reader, hf_default):
 
 
 def test_config_equals_transformers(default_reader, hf_default):
-    config = pgguf.read_gguf_config(default_reader)
+    config = read_gguf_config(default_reader)
     hf = hf_default.config
     for key in CONFIG_KEYS:
         assert config[key] == getattr(hf, key), key
@@ -285,7 +286,7 @@ def test_small_quantized_file_matches_transformers(tmp_path):
 
 def test_linear_rope_scaling_is_carried(tmp_path):
     path = write_tiny_gguf(tmp_path / "r.gguf", hf_tiny_weights(), rope_scaling=4.0)
-    config = pgguf.read_gguf_config(path)
+    config = read_gguf_config(path)
     scaling = {"rope_type": "linear", "factor": 4.0}
     assert config["rope_scaling"] == scaling
     assert config["rope_parameters"] == {**scaling, "rope_theta": 500000.0}

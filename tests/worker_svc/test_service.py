@@ -19,13 +19,13 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from pagoda.model_card.writer import identity_of
 from pagoda.sampling_params import SamplingParams
 from pagoda.v1 import PROTOCOL_VERSION, session_pb2, step_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.scheduler import Scheduler
 from tests.worker_svc.hf_oracle import EOS_ID, VOCAB_SIZE, build_model
 from tests.worker_svc.scripted_scheduler import Received, ScriptedScheduler, WorkerProcess
-from worker_svc.model_card_writer import identity_of
 from worker_svc.model_runner import ModelRunner
 
 StepError = step_pb2.StepError

@@ -18,16 +18,17 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from pagoda.default_model import default_model_path  # noqa: E402
-from pagoda.model_card import ModelCard, ModelCardError  # noqa: E402
-from worker_svc import model_card_writer  # noqa: E402
-from worker_svc.model_card_writer import (  # noqa: E402
+from pagoda.model_card import writer  # noqa: E402
+from pagoda.model_card.card import ModelCard  # noqa: E402
+from pagoda.model_card.errors import ModelCardError  # noqa: E402
+from pagoda.model_card.writer import (  # noqa: E402
     card_name,
     ensure_model_card,
     identity_of,
     prepare_model_card,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PAGODA = Path(sys.executable).parent / "pagoda"
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
@@ -174,7 +175,7 @@ def test_the_card_is_prepared_once(default_gguf, default_card, cache, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("prepared again")
 
-    monkeypatch.setattr(model_card_writer, "_prepare_gguf", fail)
+    monkeypatch.setattr(writer, "_prepare_gguf", fail)
     again = ensure_model_card(default_gguf, cache_dir=cache)
     assert again == default_card
     assert (default_card.path / "model.json").stat().st_mtime_ns == stamp
@@ -183,18 +184,21 @@ def test_the_card_is_prepared_once(default_gguf, default_card, cache, monkeypatc
 
 def test_the_default_cache_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("PAGODA_CACHE", str(tmp_path))
-    assert model_card_writer.default_cache_dir() == tmp_path / "cards"
+    assert writer.default_cache_dir() == tmp_path / "cards"
     monkeypatch.delenv("PAGODA_CACHE")
-    assert model_card_writer.default_cache_dir() == Path.home() / ".cache" / "pagoda" / "cards"
+    assert writer.default_cache_dir() == Path.home() / ".cache" / "pagoda" / "cards"
 
 
-def test_identity_is_the_same_in_another_process(default_card, default_gguf, tiny_hf):
+def test_identity_is_the_same_in_another_process_without_torch(default_card, default_gguf, tiny_hf):
     code = (
         "import sys\n"
-        "from pagoda.model_card import ModelCard\n"
-        "from worker_svc.model_card_writer import identity_of\n"
+        "from pagoda.model_card.card import ModelCard\n"
+        "from pagoda.model_card.writer import identity_of\n"
         "print(identity_of(sys.argv[1]))\n"
         "print(ModelCard.load(sys.argv[2]).identity)\n"
+        # A GGUF file's metadata and identity are read without torch.
+        "heavy = [m for m in ('torch', 'transformers', 'worker_svc') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
     )
     run = subprocess.run(
         [sys.executable, "-c", code, str(default_gguf), str(tiny_hf)],

@@ -3,8 +3,8 @@
 A card is written where the weights are (a full install): converting a GGUF file's
 tokenizer into ``tokenizer.json`` needs transformers, which is imported only for that.
 The identity is computed from the model itself (config, weight index, tokenizer) by
-``pagoda.model_card.model_identity``, so the card and every worker that loads the same
-weights agree on it without sharing anything but the files.
+``pagoda.model_card.identity.model_identity``, so the card and every worker that loads
+the same weights agree on it without sharing anything but the files.
 """
 
 from __future__ import annotations
@@ -14,25 +14,29 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pagoda.model_card import (
-    MODEL_JSON,
-    TOKENIZER_FILES,
-    ModelCard,
-    ModelCardError,
+from pagoda.model_card.card import MODEL_JSON, TOKENIZER_FILES, ModelCard
+from pagoda.model_card.errors import ModelCardError, read_json
+from pagoda.model_card.gguf_metadata import (
+    gguf_config,
+    gguf_tokenizer_bytes,
+    gguf_weight_index,
+    is_gguf_file,
+    open_gguf,
+)
+from pagoda.model_card.hf_config import (
     architecture_of,
     eos_ids,
     folder_model_name,
     hf_eos_token_ids,
-    hf_folder_identity,
-    is_gguf_file,
     max_model_len_of,
-    model_identity,
-    read_json,
-    short_identity,
     vocab_size_of,
 )
+from pagoda.model_card.identity import hf_folder_identity, model_identity, short_identity
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 # A GGUF file name usually ends in its quantization ("Model.Q4_1.gguf",
 # "model-q4_k_m.gguf"); the model's name is what comes before it.
@@ -47,8 +51,6 @@ def identity_of(model_path: str | Path) -> str:
     """
     path = Path(model_path)
     if is_gguf_file(path):
-        from worker_svc.gguf import open_gguf
-
         return _gguf_config_and_identity(open_gguf(path))[1]
     if path.is_dir() and (path / "config.json").is_file():
         return hf_folder_identity(path)
@@ -102,10 +104,8 @@ def ensure_model_card(model_path: str | Path, cache_dir: str | Path | None = Non
         or not (path / "config.json").is_file()
     ):
         return ModelCard.load(path)  # its own card, or the error that says what is wrong
-    reader = None
+    reader: GGUFReader | None = None
     if is_gguf_file(path):
-        from worker_svc.gguf import open_gguf
-
         reader = open_gguf(path)
         identity = _gguf_config_and_identity(reader)[1]
     else:
@@ -189,9 +189,9 @@ def _prepare_hf_folder(folder: Path, out: Path, *, name: str | None) -> ModelCar
     return ModelCard.load(out)
 
 
-def _prepare_gguf(path: Path, out: Path, *, name: str | None, reader: Any = None) -> ModelCard:
-    from worker_svc.gguf import open_gguf
-
+def _prepare_gguf(
+    path: Path, out: Path, *, name: str | None, reader: GGUFReader | None = None
+) -> ModelCard:
     reader = reader if reader is not None else open_gguf(path)
     config, identity = _gguf_config_and_identity(reader)
     _start_card(out)
@@ -212,9 +212,7 @@ def _prepare_gguf(path: Path, out: Path, *, name: str | None, reader: Any = None
     return ModelCard.load(out)
 
 
-def _gguf_config_and_identity(reader: Any) -> tuple[dict[str, Any], str]:
-    from worker_svc.gguf import gguf_config, gguf_tokenizer_bytes, gguf_weight_index
-
+def _gguf_config_and_identity(reader: GGUFReader) -> tuple[dict[str, Any], str]:
     config = gguf_config(reader)
     identity = model_identity(config, gguf_weight_index(reader), gguf_tokenizer_bytes(reader))
     return config, identity
