@@ -81,6 +81,7 @@ class Flag:
         return self.default() if callable(self.default) else self.default
 
     def help_text(self) -> str:
+        """The help line, worded alike in every service: what; env VAR (default: ...)."""
         parts = (self.help, self.env and f"env {self.env}")
         said = "; ".join(part for part in parts if part)
         return f"{said} (default: {self.shown})".lstrip()
@@ -110,8 +111,8 @@ def add_flags(parser: Container, flags: Iterable[Flag]) -> None:
 def to_argv(flags: Iterable[Flag], args: argparse.Namespace) -> list[str]:
     """``flags`` as ``args`` holds them, as a command line for a child that takes them.
 
-    A flag left to its default (None or ``Unset``) and a switch left off are left out,
-    so the child falls back on its own default.
+    A flag without a value (None, or an ``Unset`` default) and a switch left off are
+    left out, so the child falls back on its own default.
     """
     argv: list[str] = []
     for flag in flags:
