@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import signal
 import socket
 import sys
@@ -32,6 +31,7 @@ from gateway.core import Gateway
 from gateway.grpc_api import Health, add_services
 from gateway.openai_api import HttpSettings, build_app
 from gateway.session import SessionClient
+from pagoda.flags import Flag, add_flags, host_and_pid
 from pagoda.model_card.card import ModelCard
 from pagoda.model_card.errors import ModelCardError
 from pagoda.secrets import read_secret
@@ -42,95 +42,93 @@ log = logging.getLogger("gateway")
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The gateway's flags; each falls back to the environment variable named in its
-    help (docs/services.md), and the parser's formatter shows every default."""
-    env = os.environ.get
-    parser.add_argument(
+FLAGS = (
+    Flag(
         "--model",
-        default=env("PAGODA_MODEL_CARD"),
+        env="PAGODA_MODEL_CARD",
         metavar="CARD",
-        help="model card folder (written by `pagoda prepare-model`, or a Hugging Face "
-        "folder); env PAGODA_MODEL_CARD",
-    )
-    parser.add_argument(
+        help="model card folder (written by `pagoda prepare-model`, or a Hugging Face folder)",
+    ),
+    Flag(
         "--tokenizer",
-        default=None,
         metavar="DIR",
         help="tokenizer folder, when not the card's own (None: the card's own)",
-    )
-    parser.add_argument(
+    ),
+    Flag(
         "--served-model-name",
-        default=None,
         metavar="NAME",
         help="the model name clients send (None: the card's name)",
-    )
-    parser.add_argument(
-        "--host", default=env("PAGODA_HOST", "127.0.0.1"), help="address to bind; env PAGODA_HOST"
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=env("PAGODA_PORT", "8000"),
-        help="REST port (0: any free port); env PAGODA_PORT",
-    )
-    parser.add_argument(
+    ),
+    Flag("--host", default="127.0.0.1", env="PAGODA_HOST", help="address to bind"),
+    Flag("--port", type=int, default=8000, env="PAGODA_PORT", help="REST port (0: any free port)"),
+    Flag(
         "--grpc-port",
         type=int,
-        default=env("PAGODA_GRPC_PORT", "50051"),
-        help="public gRPC port (0: any free port); env PAGODA_GRPC_PORT",
-    )
-    parser.add_argument(
+        default=50051,
+        env="PAGODA_GRPC_PORT",
+        help="public gRPC port (0: any free port)",
+    ),
+    Flag(
         "--scheduler",
-        default=env("PAGODA_SCHEDULER", "127.0.0.1:50061"),
+        default="127.0.0.1:50061",
+        env="PAGODA_SCHEDULER",
         metavar="HOST:PORT",
-        help="the scheduler's session address; env PAGODA_SCHEDULER",
-    )
-    parser.add_argument(
+        help="the scheduler's session address",
+    ),
+    Flag(
         "--api-key",
-        default=None,
         help="API key clients must send as 'Authorization: Bearer KEY' (None: "
         "--api-key-file, env PAGODA_API_KEY or PAGODA_API_KEY_FILE, else no key)",
-    )
-    parser.add_argument(
+    ),
+    Flag(
         "--api-key-file",
+        env="PAGODA_API_KEY_FILE",
         metavar="PATH",
-        default=env("PAGODA_API_KEY_FILE") or None,
-        help="a file holding the API key (a mounted Secret); env PAGODA_API_KEY_FILE",
-    )
-    parser.add_argument(
+        help="a file holding the API key (a mounted Secret)",
+    ),
+    Flag(
         "--max-body-bytes",
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
         help="largest request body accepted; larger ones get 413",
-    )
-    parser.add_argument(
+    ),
+    Flag(
         "--gateway-id",
-        default=env("PAGODA_GATEWAY_ID") or f"{socket.gethostname()}-{os.getpid()}",
-        help="this gateway's name in the scheduler's logs; env PAGODA_GATEWAY_ID",
-    )
-    parser.add_argument(
+        default=host_and_pid,
+        env="PAGODA_GATEWAY_ID",
+        help="this gateway's name in the scheduler's logs",
+    ),
+    Flag(
         "--drain-grace",
         type=float,
-        default=env("PAGODA_DRAIN_GRACE", "30"),
+        default=30.0,
+        env="PAGODA_DRAIN_GRACE",
         metavar="SECONDS",
-        help="on SIGTERM, how long open requests may take to finish; env PAGODA_DRAIN_GRACE",
-    )
-    parser.add_argument(
+        help="on SIGTERM, how long open requests may take to finish",
+    ),
+    Flag(
         "--request-timeout",
         type=float,
-        default=env("PAGODA_REQUEST_TIMEOUT", "0"),
+        default=0.0,
+        env="PAGODA_REQUEST_TIMEOUT",
         metavar="SECONDS",
         help="deadline of a request that names none (REST `timeout`, a gRPC deadline), from "
         "its arrival; past it the request is aborted and answered 504 / DEADLINE_EXCEEDED "
-        "(0: none); env PAGODA_REQUEST_TIMEOUT",
-    )
-    parser.add_argument(
+        "(0: none)",
+    ),
+    Flag(
         "--log-level",
-        default=env("PAGODA_LOG_LEVEL", "info"),
+        default="info",
+        env="PAGODA_LOG_LEVEL",
         choices=["debug", "info", "warning", "error"],
-        help="log level; env PAGODA_LOG_LEVEL",
-    )
+        help="log level",
+    ),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's flags, each with its environment variable as the default."""
+    add_flags(parser, FLAGS)
 
 
 @dataclass(frozen=True)

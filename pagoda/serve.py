@@ -10,6 +10,8 @@ own, and whatever outlives its grace period is killed: no orphans.
 
 The children bind port 0 where a port is internal and report the real port on a
 log line that this module reads from their stderr (which it forwards, prefixed).
+A flag a child shares goes on to it through the declaration that parsed it
+(``pagoda.flags.to_argv``): a new one is declared once and named in ``FORWARDED``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pagoda.flags import Flag, add_flags, to_argv
+
 SCHEDULER_LINE = re.compile(r"scheduler listening grpc=(\S+) step=(\S+) http=(\S+)")
 WORKER_LINE = re.compile(r"worker (\S+) registered replica=(\d+)")
 GATEWAY_LINE = re.compile(r"gateway listening http=(\S+) grpc=(\S+)")
@@ -34,37 +38,54 @@ GATEWAY_LINE = re.compile(r"gateway listening http=(\S+) grpc=(\S+)")
 STOP_GRACE_S = 30.0
 START_TIMEOUT_S = 600.0
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+FLAGS = (
+    Flag(
         "--model",
         help="a Hugging Face folder or a .gguf file (default: the default model, "
         "SmolLM2-135M-Instruct)",
-    )
-    parser.add_argument("--workers", type=int, default=1, help="worker replicas to start")
-    parser.add_argument("--host", default="127.0.0.1", help="the gateway's host")
-    parser.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
-    parser.add_argument("--grpc-port", type=int, default=50051, help="the public gRPC port")
-    parser.add_argument("--served-model-name", help="the model's name in the API")
-    parser.add_argument(
-        "--api-key", help="require this key from clients (default: $PAGODA_API_KEY, if set)"
-    )
-    parser.add_argument("--dtype", default="auto", help="weights and KV cache dtype")
-    parser.add_argument("--max-model-len", type=int, help="default: the model's")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument(
-        "--max-num-seqs", type=int, default=256, help="sequences running at once per replica"
-    )
-    parser.add_argument("--max-num-batched-tokens", type=int, help="default: the scheduler's")
-    parser.add_argument("--kv-cache-memory", help="per worker, e.g. 2GiB (default: 1GiB on CPU)")
-    parser.add_argument(
+    ),
+    Flag("--workers", type=int, default=1, help="worker replicas to start"),
+    Flag("--host", default="127.0.0.1", help="the gateway's host"),
+    Flag("--port", type=int, default=8000, help="the gateway's HTTP port"),
+    Flag("--grpc-port", type=int, default=50051, help="the public gRPC port"),
+    Flag("--served-model-name", help="the model's name in the API"),
+    Flag("--api-key", help="require this key from clients (default: $PAGODA_API_KEY, if set)"),
+    Flag("--dtype", default="auto", help="weights and KV cache dtype"),
+    Flag("--max-model-len", type=int, help="default: the model's"),
+    Flag("--block-size", type=int, default=16, help="tokens per KV block"),
+    Flag("--max-num-seqs", type=int, default=256, help="sequences running at once per replica"),
+    Flag("--max-num-batched-tokens", type=int, help="default: the scheduler's"),
+    Flag("--kv-cache-memory", help="per worker, e.g. 2GiB (default: 1GiB on CPU)"),
+    Flag(
         "--attention-backend",
         default="auto",
         choices=["auto", "torch", "triton"],
         help="the workers' kernels: triton on CUDA, torch on CPU for auto",
-    )
-    parser.add_argument("--seed", type=int, help="seed of the scheduler's request seeds")
-    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    ),
+    Flag("--seed", type=int, help="seed of the scheduler's request seeds"),
+    Flag("--log-level", default="info", help="debug, info, warning or error"),
+)
+
+# The flags each child takes as they are, under the same name. Listed, not found by name
+# alone: --host and --grpc-port are the gateway's, though the scheduler has flags so named;
+# the rest of a child's command line (its model, addresses, name) is decided here.
+FORWARDED = {
+    "scheduler": ("--max-model-len", "--block-size", "--max-num-seqs",
+                  "--max-num-batched-tokens", "--seed", "--log-level"),
+    "worker": ("--dtype", "--max-model-len", "--block-size", "--kv-cache-memory",
+               "--attention-backend", "--log-level"),
+    "gateway": ("--host", "--port", "--grpc-port", "--served-model-name", "--log-level"),
+}  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flags(parser, FLAGS)
+
+
+def forwarded(child: str, args: argparse.Namespace) -> list[str]:
+    """The part of ``child``'s command line that passes on what ``pagoda serve`` was given."""
+    names = FORWARDED[child]
+    return to_argv([f for f in FLAGS if f.name in names], args)
 
 
 @dataclass
@@ -209,33 +230,18 @@ def _start_all(stack: Stack, args: argparse.Namespace, weights: Path, card: Path
     # Loopback only, but a secret costs nothing and keeps strays from registering.
     env["PAGODA_SHARED_SECRET"] = env.get("PAGODA_SHARED_SECRET") or secrets.token_hex(16)
     env["PAGODA_LOCAL_WORKERS"] = str(args.workers)
-    common = ["--log-level", args.log_level]
     sched_argv = ["scheduler", "--model", str(card), "--grpc-port", "0", "--step-port", "0",
-                  "--http-port", "0", "--block-size", str(args.block_size),
-                  "--max-num-seqs", str(args.max_num_seqs), *common]  # fmt: skip
-    if args.max_model_len:
-        sched_argv += ["--max-model-len", str(args.max_model_len)]
-    if args.max_num_batched_tokens:
-        sched_argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    if args.seed is not None:
-        sched_argv += ["--seed", str(args.seed)]
+                  "--http-port", "0", *forwarded("scheduler", args)]  # fmt: skip
     scheduler = stack.start("scheduler", sched_argv, {"listening": SCHEDULER_LINE}, env)
     grpc_addr, step_addr, _ = scheduler.wait_for("listening", START_TIMEOUT_S).groups()
     workers = []
     for i in range(args.workers):
         argv = ["worker", "--scheduler", step_addr, "--model", str(weights),
-                "--worker-id", f"worker-{i}", "--http-port", "0", "--dtype", args.dtype,
-                "--block-size", str(args.block_size),
-                "--attention-backend", args.attention_backend, *common]  # fmt: skip
-        if args.kv_cache_memory:
-            argv += ["--kv-cache-memory", args.kv_cache_memory]
-        if args.max_model_len:
-            argv += ["--max-model-len", str(args.max_model_len)]
+                "--worker-id", f"worker-{i}", "--http-port", "0",
+                *forwarded("worker", args)]  # fmt: skip
         workers.append(stack.start(f"worker-{i}", argv, {"registered": WORKER_LINE}, env))
-    gw_argv = ["gateway", "--model", str(card), "--scheduler", grpc_addr, "--host", args.host,
-               "--port", str(args.port), "--grpc-port", str(args.grpc_port), *common]  # fmt: skip
-    if args.served_model_name:
-        gw_argv += ["--served-model-name", args.served_model_name]
+    gw_argv = ["gateway", "--model", str(card), "--scheduler", grpc_addr,
+               *forwarded("gateway", args)]  # fmt: skip
     gateway_env = dict(env)
     gateway_env.pop("PAGODA_SHARED_SECRET")  # the gateway has no use for it
     if args.api_key:  # by environment, so it shows in no process listing

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 
 import uvloop
 import zmq
 
+from pagoda.flags import Flag, add_flags
 from pagoda.model_card.card import ModelCard
 from pagoda.secrets import read_secret
 from scheduler_svc.config import SchedulerConfig
@@ -29,187 +29,173 @@ log = logging.getLogger("scheduler_svc")
 DEFAULT_BATCHED_TOKENS = 2048
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The scheduler's flags; each help text shows its default and its env fallback."""
-    env = os.environ.get
-    card = env("PAGODA_MODEL_CARD")
-    parser.add_argument(
-        "--model",
-        default=card,
-        required=card is None,
-        help="model card folder (written by `pagoda prepare-model`, or a Hugging Face "
-        "folder); env PAGODA_MODEL_CARD (default: %(default)s)",
-    )
-    net = parser.add_argument_group("addresses")
-    net.add_argument(
-        "--host",
-        default=env("PAGODA_SCHEDULER_HOST", "127.0.0.1"),
-        help="address of all its ports; env PAGODA_SCHEDULER_HOST (default: %(default)s)",
-    )
-    # String defaults from the environment go through `type`, so a bad value is a usage error.
-    net.add_argument(
+MODEL = Flag(
+    "--model",
+    env="PAGODA_MODEL_CARD",
+    required=True,
+    help="model card folder (written by `pagoda prepare-model`, or a Hugging Face folder)",
+)
+ADDRESSES = (
+    Flag(
+        "--host", default="127.0.0.1", env="PAGODA_SCHEDULER_HOST", help="address of all its ports"
+    ),
+    Flag(
         "--grpc-port",
         type=int,
-        default=env("PAGODA_SCHEDULER_GRPC_PORT", 50061),
-        help="gRPC port for gateway sessions, Stats and health, 0: any free port; "
-        "env PAGODA_SCHEDULER_GRPC_PORT (default: %(default)s)",
-    )
-    net.add_argument(
+        default=50061,
+        env="PAGODA_SCHEDULER_GRPC_PORT",
+        help="gRPC port for gateway sessions, Stats and health, 0: any free port",
+    ),
+    Flag(
         "--step-port",
         type=int,
-        default=env("PAGODA_STEP_PORT", 50062),
-        help="ZeroMQ port the workers dial, 0: any free port; env PAGODA_STEP_PORT "
-        "(default: %(default)s)",
-    )
-    net.add_argument(
+        default=50062,
+        env="PAGODA_STEP_PORT",
+        help="ZeroMQ port the workers dial, 0: any free port",
+    ),
+    Flag(
         "--http-port",
         type=int,
-        default=env("PAGODA_SCHEDULER_HTTP_PORT", 8001),
-        help="port of /health /ready /metrics, 0: any free port; "
-        "env PAGODA_SCHEDULER_HTTP_PORT (default: %(default)s)",
-    )
-    net.add_argument(
+        default=8001,
+        env="PAGODA_SCHEDULER_HTTP_PORT",
+        help="port of /health /ready /metrics, 0: any free port",
+    ),
+    Flag(
         "--kv-events-port",
         type=int,
-        default=env("PAGODA_KV_EVENTS_PORT") or None,
+        env="PAGODA_KV_EVENTS_PORT",
         help="ZeroMQ PUB port of prefix-cache events for KV-aware routers (docs/prefix-cache.md),"
-        " 0: any free port; unset: none published; env PAGODA_KV_EVENTS_PORT "
-        "(default: %(default)s)",
-    )
-    net.add_argument(
+        " 0: any free port; unset: none published",
+    ),
+    Flag(
         "--kv-snapshot-port",
         type=int,
-        default=env("PAGODA_KV_SNAPSHOT_PORT") or None,
+        env="PAGODA_KV_SNAPSHOT_PORT",
         help="ZeroMQ ROUTER port answering prefix-cache snapshot requests; unset: "
-        "--kv-events-port + 1 (any free port when that is 0); env PAGODA_KV_SNAPSHOT_PORT "
-        "(default: %(default)s)",
-    )
-    net.add_argument(
+        "--kv-events-port + 1 (any free port when that is 0)",
+    ),
+    Flag(
         "--shared-secret",
-        default=None,
         help="secret the workers must present, required when --host is beyond loopback; "
         "unset: --shared-secret-file, env PAGODA_SHARED_SECRET or PAGODA_SHARED_SECRET_FILE, "
         "else none",
-    )
-    net.add_argument(
+    ),
+    Flag(
         "--shared-secret-file",
+        env="PAGODA_SHARED_SECRET_FILE",
         metavar="PATH",
-        default=env("PAGODA_SHARED_SECRET_FILE") or None,
-        help="a file holding the shared secret (a mounted Secret); "
-        "env PAGODA_SHARED_SECRET_FILE (default: %(default)s)",
-    )
-    _add_policy_arguments(parser.add_argument_group("scheduling"))
-    _add_liveness_arguments(parser.add_argument_group("liveness and shutdown"))
-    parser.add_argument(
-        "--log-level",
-        default=env("PAGODA_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="env PAGODA_LOG_LEVEL (default: %(default)s)",
-    )
-
-
-def _add_policy_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="longest sequence in tokens; unset: the model card's",
-    )
-    group.add_argument(
-        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
-    )
-    group.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=256,
-        help="most sequences in one step (default: %(default)s)",
-    )
-    group.add_argument(
+        help="a file holding the shared secret (a mounted Secret)",
+    ),
+)
+SCHEDULING = (
+    Flag("--max-model-len", type=int, help="longest sequence in tokens; unset: the model card's"),
+    Flag("--block-size", type=int, default=16, help="tokens per KV block"),
+    Flag("--max-num-seqs", type=int, default=256, help="most sequences in one step"),
+    Flag(
         "--max-num-batched-tokens",
         type=int,
-        default=None,
         help=f"token budget of one step; unset: max({DEFAULT_BATCHED_TOKENS}, --max-num-seqs), "
         "as vLLM's API server",
-    )
-    group.add_argument(
+    ),
+    Flag(
         "--policy",
-        choices=["fcfs", "priority"],
         default="fcfs",
-        help="queue order; with priority a lower value runs first (default: %(default)s)",
-    )
-    group.add_argument(
+        choices=["fcfs", "priority"],
+        help="queue order; with priority a lower value runs first",
+    ),
+    Flag(
         "--no-prefix-caching",
         dest="prefix_caching",
         action="store_false",
-        help="turn prefix caching off (default: prefix caching %(default)s)",
-    )
-    group.add_argument(
+        help="turn prefix caching off",
+        shown="prefix caching %(default)s",
+    ),
+    Flag(
         "--seed",
         type=int,
-        default=None,
         help="seeds the seeds drawn for requests that carry none; unset: from the OS",
-    )
-    _add_limit_arguments(group)
-
-
-def _add_limit_arguments(group: argparse._ArgumentGroup) -> None:
-    """The bounded queue, the default deadline and prefix affinity (env fallbacks)."""
-    env = os.environ.get
-    group.add_argument(
+    ),
+    # The bounded queue, the default deadline and prefix affinity.
+    Flag(
         "--max-waiting-requests",
         type=int,
-        default=env("PAGODA_MAX_WAITING_REQUESTS", 1024),
+        default=1024,
+        env="PAGODA_MAX_WAITING_REQUESTS",
         help="most sequences waiting in the queue (a request with n samples counts n); "
-        "past it a submit is refused at once (429 / RESOURCE_EXHAUSTED); 0: unbounded; "
-        "env PAGODA_MAX_WAITING_REQUESTS (default: %(default)s)",
-    )
-    group.add_argument(
+        "past it a submit is refused at once (429 / RESOURCE_EXHAUSTED); 0: unbounded",
+    ),
+    Flag(
         "--max-waiting-tokens",
         type=int,
-        default=env("PAGODA_MAX_WAITING_TOKENS", 1_048_576),
+        default=1_048_576,
+        env="PAGODA_MAX_WAITING_TOKENS",
         help="most prompt tokens of the waiting sequences; past it a submit is refused at "
-        "once; 0: unbounded; env PAGODA_MAX_WAITING_TOKENS (default: %(default)s)",
-    )
-    group.add_argument(
+        "once; 0: unbounded",
+    ),
+    Flag(
         "--request-timeout",
         type=float,
-        default=env("PAGODA_REQUEST_TIMEOUT", 0.0),
+        default=0.0,
+        env="PAGODA_REQUEST_TIMEOUT",
         help="seconds a request without a deadline of its own may take before it is aborted; "
-        "0: no limit; env PAGODA_REQUEST_TIMEOUT (default: %(default)s)",
-    )
-    group.add_argument(
+        "0: no limit",
+    ),
+    Flag(
         "--affinity-wait-ms",
         type=float,
-        default=env("PAGODA_AFFINITY_WAIT_MS", 200.0),
+        default=200.0,
+        env="PAGODA_AFFINITY_WAIT_MS",
         help="longest a request waits for a better replica (one that caches more of its "
         "prefix, or as much while running fewer sequences) while another could take it; "
-        "0: off; env PAGODA_AFFINITY_WAIT_MS "
-        "(default: %(default)s)",
-    )
-
-
-def _add_liveness_arguments(group: argparse._ArgumentGroup) -> None:
-    for flag, kind, default, what in (
-        ("--heartbeat-interval-ms", int, 1000, "how often workers beat"),
-        ("--heartbeat-timeout-ms", int, 5000, "silence after which a replica is dead"),
-        ("--step-timeout", float, 60.0, "seconds a step may run before its replica is dead"),
-        (
-            "--stall-timeout",
-            float,
-            30.0,
-            "seconds without a completed step, while work is pending on live replicas, "
-            "before gRPC health says NOT_SERVING",
-        ),
-    ):
-        group.add_argument(flag, type=kind, default=default, help=f"{what} (default: %(default)s)")
-    group.add_argument(
+        "0: off",
+    ),
+)
+LIVENESS = (
+    Flag("--heartbeat-interval-ms", type=int, default=1000, help="how often workers beat"),
+    Flag(
+        "--heartbeat-timeout-ms",
+        type=int,
+        default=5000,
+        help="silence after which a replica is dead",
+    ),
+    Flag(
+        "--step-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a step may run before its replica is dead",
+    ),
+    Flag(
+        "--stall-timeout",
+        type=float,
+        default=30.0,
+        help="seconds without a completed step, while work is pending on live replicas, "
+        "before gRPC health says NOT_SERVING",
+    ),
+    Flag(
         "--drain-grace",
         type=float,
-        default=os.environ.get("PAGODA_DRAIN_GRACE", 30.0),
-        help="seconds running requests get to finish after SIGTERM; env PAGODA_DRAIN_GRACE "
-        "(default: %(default)s)",
-    )
+        default=30.0,
+        env="PAGODA_DRAIN_GRACE",
+        help="seconds running requests get to finish after SIGTERM",
+    ),
+)
+LOG_LEVEL = Flag(
+    "--log-level",
+    default="info",
+    env="PAGODA_LOG_LEVEL",
+    choices=["debug", "info", "warning", "error"],
+    help="",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scheduler's flags, in groups; each with its environment variable, where it has
+    one, as the default."""
+    add_flags(parser, [MODEL])
+    add_flags(parser.add_argument_group("addresses"), ADDRESSES)
+    add_flags(parser.add_argument_group("scheduling"), SCHEDULING)
+    add_flags(parser.add_argument_group("liveness and shutdown"), LIVENESS)
+    add_flags(parser, [LOG_LEVEL])
 
 
 def build(args: argparse.Namespace) -> tuple[ModelCard, SchedulerConfig, ServiceSettings]:

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pagoda.default_model import default_model_path
+from pagoda.flags import Flag, Unset, add_flags, given, host_and_pid
 from pagoda.model_card.errors import ModelCardError
 from pagoda.model_card.writer import identity_of
 from pagoda.secrets import read_secret
@@ -103,146 +103,128 @@ def default_threads() -> int:
     return max(1, cpu_cores() // local)
 
 
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-class Unset:
-    """A flag's default decided at run time; its text says by what, in ``--help``.
-
-    Not a ``str``: argparse would run a string default through the flag's ``type``.
-    """
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def __str__(self) -> str:
-        return self.text
-
-    __repr__ = __str__
-
-
-def given(value: Any) -> Any:
-    """A flag's value, or None where it was left to its run-time default."""
-    return None if isinstance(value, Unset) else value
+FLAGS = (
+    Flag(
+        "--scheduler",
+        default=DEFAULT_SCHEDULER,
+        env="PAGODA_STEP_ADDR",
+        metavar="HOST:PORT",
+        help="the scheduler's step address, which the worker dials",
+    ),
+    Flag(
+        "--model",
+        default=Unset("the default model, SmolLM2-135M-Instruct"),
+        env="PAGODA_MODEL",
+        help="a Hugging Face folder or a .gguf file",
+    ),
+    Flag(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV-cache dtype; auto: the checkpoint's (float16 runs as bfloat16 on "
+        "a CPU, a GGUF file as bfloat16)",
+    ),
+    Flag("--device", default="auto", help="cpu, cuda, cuda:N or auto"),
+    Flag("--block-size", type=int, default=16, help="tokens per KV block"),
+    Flag(
+        "--num-kv-blocks",
+        type=int,
+        default=Unset("as many as --kv-cache-memory holds"),
+        help="KV-cache blocks to allocate",
+    ),
+    Flag(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        default=Unset("1GiB on a CPU; on a GPU, 90% of its memory less the weights"),
+        metavar="BYTES",
+        help="KV-cache budget, e.g. 2GiB or 512MiB",
+    ),
+    Flag(
+        "--max-model-len",
+        type=int,
+        default=Unset("the model's context length"),
+        help="longest sequence in tokens",
+    ),
+    Flag(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="attention kernels; auto: triton on CUDA, torch elsewhere",
+    ),
+    Flag("--compile", action="store_true", help="torch.compile the model"),
+    Flag(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay decode steps from CUDA graphs, on CUDA with triton",
+    ),
+    Flag(
+        "--worker-id",
+        default=host_and_pid,
+        env="PAGODA_WORKER_ID",
+        help="this worker's stable name, e.g. the pod name",
+        shown="HOST-PID, here %(default)s",
+    ),
+    # An Unset default, so that --help never prints the secret.
+    Flag(
+        "--shared-secret",
+        default=Unset("$PAGODA_SHARED_SECRET, else none"),
+        help="the deployment's shared secret, presented to the scheduler",
+    ),
+    Flag(
+        "--shared-secret-file",
+        default=Unset("none"),
+        env="PAGODA_SHARED_SECRET_FILE",
+        metavar="PATH",
+        help="a file holding the shared secret, e.g. a mounted Secret",
+    ),
+    Flag(
+        "--http-host",
+        default="127.0.0.1",
+        env="PAGODA_WORKER_HTTP_HOST",
+        help="address of /health, /ready and /metrics",
+    ),
+    Flag(
+        "--http-port",
+        type=int,
+        default=DEFAULT_HTTP_PORT,
+        env="PAGODA_WORKER_HTTP_PORT",
+        help="port of the probes, 0 for any free port",
+    ),
+    Flag(
+        "--drain-grace",
+        type=float,
+        default=30.0,
+        env="PAGODA_DRAIN_GRACE",
+        metavar="SECONDS",
+        help="after SIGTERM, how long the worker keeps running the sequences it holds (the "
+        "scheduler sends it nothing new) before the rest move to other replicas",
+    ),
+    Flag(
+        "--threads",
+        type=int,
+        default=default_threads,
+        help="torch threads: the cores it may use (its affinity mask, capped by a cgroup "
+        "CPU limit) // $PAGODA_LOCAL_WORKERS (default 1), at least 1",
+        shown="%(default)s here",
+    ),
+    Flag(
+        "--log-level",
+        default="INFO",
+        env="PAGODA_LOG_LEVEL",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="any case",
+    ),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``pagoda worker`` flags.
 
-    Every help ends in ``(default: %(default)s)``, so it shows the default under any
-    formatter and ``ArgumentDefaultsHelpFormatter`` adds nothing; the shared secret's
-    default is an ``Unset`` so that ``--help`` never prints it.
+    Every default is shown by the help text itself (``add_flags``), so under any
+    formatter; one decided at run time is an ``Unset``, which says by what.
     """
-    env = os.environ.get
-    add = parser.add_argument
-    add(
-        "--scheduler",
-        default=env("PAGODA_STEP_ADDR", DEFAULT_SCHEDULER),
-        metavar="HOST:PORT",
-        help="the scheduler's step address, which the worker dials "
-        "(env PAGODA_STEP_ADDR) (default: %(default)s)",
-    )
-    add(
-        "--model",
-        default=env("PAGODA_MODEL") or Unset("the default model, SmolLM2-135M-Instruct"),
-        help="a Hugging Face folder or a .gguf file (env PAGODA_MODEL) (default: %(default)s)",
-    )
-    add(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and KV-cache dtype; auto: the checkpoint's (float16 runs as bfloat16 on "
-        "a CPU, a GGUF file as bfloat16) (default: %(default)s)",
-    )
-    add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    add("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
-    add(
-        "--num-kv-blocks",
-        type=int,
-        default=Unset("as many as --kv-cache-memory holds"),
-        help="KV-cache blocks to allocate (default: %(default)s)",
-    )
-    add(
-        "--kv-cache-memory",
-        type=parse_bytes,
-        default=Unset("1GiB on a CPU; on a GPU, 90% of its memory less the weights"),
-        metavar="BYTES",
-        help="KV-cache budget, e.g. 2GiB or 512MiB (default: %(default)s)",
-    )
-    add(
-        "--max-model-len",
-        type=int,
-        default=Unset("the model's context length"),
-        help="longest sequence in tokens (default: %(default)s)",
-    )
-    add(
-        "--attention-backend",
-        default="auto",
-        choices=["auto", "torch", "triton"],
-        help="attention kernels; auto: triton on CUDA, torch elsewhere (default: %(default)s)",
-    )
-    add("--compile", action="store_true", help="torch.compile the model (default: %(default)s)")
-    add(
-        "--cuda-graphs",
-        action="store_true",
-        help="replay decode steps from CUDA graphs, on CUDA with triton (default: %(default)s)",
-    )
-    add(
-        "--worker-id",
-        default=env("PAGODA_WORKER_ID") or default_worker_id(),
-        help="this worker's stable name, e.g. the pod name (env PAGODA_WORKER_ID) "
-        "(default: HOST-PID, here %(default)s)",
-    )
-    add(
-        "--shared-secret",
-        default=Unset("$PAGODA_SHARED_SECRET, else none"),
-        help="the deployment's shared secret, presented to the scheduler (default: %(default)s)",
-    )
-    add(
-        "--shared-secret-file",
-        metavar="PATH",
-        default=env("PAGODA_SHARED_SECRET_FILE") or Unset("none"),
-        help="a file holding the shared secret, e.g. a mounted Secret "
-        "(env PAGODA_SHARED_SECRET_FILE) (default: %(default)s)",
-    )
-    add(
-        "--http-host",
-        default=env("PAGODA_WORKER_HTTP_HOST", "127.0.0.1"),
-        help="address of /health, /ready and /metrics (env PAGODA_WORKER_HTTP_HOST) "
-        "(default: %(default)s)",
-    )
-    add(
-        "--http-port",
-        type=int,
-        default=int(env("PAGODA_WORKER_HTTP_PORT", str(DEFAULT_HTTP_PORT))),
-        help="port of the probes, 0 for any free port (env PAGODA_WORKER_HTTP_PORT) "
-        "(default: %(default)s)",
-    )
-    add(
-        "--drain-grace",
-        type=float,
-        default=float(env("PAGODA_DRAIN_GRACE", "30")),
-        metavar="SECONDS",
-        help="after SIGTERM, how long the worker keeps running the sequences it holds (the "
-        "scheduler sends it nothing new) before the rest move to other replicas "
-        "(env PAGODA_DRAIN_GRACE) (default: %(default)s)",
-    )
-    add(
-        "--threads",
-        type=int,
-        default=default_threads(),
-        help="torch threads: the cores it may use (its affinity mask, capped by a cgroup "
-        "CPU limit) // $PAGODA_LOCAL_WORKERS (default 1), at least 1 "
-        "(default: %(default)s here)",
-    )
-    add(
-        "--log-level",
-        default=env("PAGODA_LOG_LEVEL", "INFO").upper(),
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="any case (env PAGODA_LOG_LEVEL) (default: %(default)s)",
-    )
+    add_flags(parser, FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

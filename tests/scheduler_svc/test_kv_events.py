@@ -8,19 +8,14 @@ import random
 
 import pytest
 
+from pagoda.kv_events import KvIndexMirror
 from pagoda.sampling_params import SamplingParams
 from pagoda.v1 import kv_events_pb2
 from scheduler_svc import server
-from scheduler_svc.block_hash import ROOT_PARENT, extend_hashes, hash_block
+from scheduler_svc.block_hash import extend_hashes
 from scheduler_svc.block_manager import BLOCK_REMOVED, BLOCK_STORED, BlockManager
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.kv_events import (
-    KvEventRecorder,
-    KvIndexMirror,
-    block_index,
-    core_indexes,
-    parents_first,
-)
+from scheduler_svc.kv_events import KvEventRecorder, block_index, core_indexes
 from scheduler_svc.service import Addresses
 from scheduler_svc.settings import ServiceSettings
 from tests.scheduler_svc.harness import Cluster
@@ -104,19 +99,6 @@ def test_without_a_listener_the_index_is_the_same():
             bm.free(seq_id)
         runs.append((block_index(bm), list(bm._free)))
     assert runs[0] == runs[1]
-
-
-def test_parents_come_first_and_an_orphan_is_a_root():
-    a, c = (hash_block(ROOT_PARENT, [i] * BS) for i in range(2))
-    index = {
-        b"child-of-c": (c, (1,)),  # c not indexed: an orphan
-        b"grandchild": (b"child", (2,)),
-        b"child": (a, (3,)),
-        a: (b"", (4,)),
-    }
-    order = parents_first(index)
-    assert order.index(a) < order.index(b"child") < order.index(b"grandchild")
-    assert set(order) == set(index)
 
 
 # -- the recorder against the pure core ----------------------------------------------------
@@ -256,23 +238,6 @@ def test_a_snapshot_lists_every_replica_with_its_blocks_parents_first():
     cluster.scheduler.replica(1).blocks.listener(BLOCK_REMOVED, h[2], b"", ())
     with pytest.raises(RuntimeError, match="take"):
         feed.recorder.snapshot()
-
-
-def test_a_mirror_refuses_a_gap_skips_what_it_has_and_resyncs_from_a_snapshot():
-    def batch(*numbers: int) -> kv_events_pb2.KvEventBatch:
-        out = kv_events_pb2.KvEventBatch()
-        for n in numbers:
-            e = out.events.add(sequence_number=n, replica_id=1, block_size=BS)
-            e.stored.block_hash = bytes([n])
-        return out
-
-    mirror = KvIndexMirror()
-    assert not mirror.apply(batch(1)), "no snapshot yet"
-    mirror.apply_snapshot(kv_events_pb2.KvSnapshot(sequence_number=2))
-    assert mirror.apply(batch(1, 2, 3)), "events the snapshot holds are skipped"
-    assert set(mirror.replicas[1]) == {bytes([3])}
-    assert not mirror.apply(batch(5)) and not mirror.in_sync
-    assert set(mirror.replicas[1]) == {bytes([3])}, "a batch after a gap changes nothing"
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -19,15 +19,11 @@ from dataclasses import replace
 import pytest
 import zmq
 
+from pagoda.kv_events import KvEventSubscriber, KvIndexMirror
 from pagoda.v1 import kv_events_pb2
 from scheduler_svc import kv_events
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.kv_events import (
-    KvEventPublisher,
-    KvEventSubscriber,
-    KvIndexMirror,
-    core_indexes,
-)
+from scheduler_svc.kv_events import KvEventPublisher, core_indexes
 from tests.scheduler_svc.harness import Cluster
 from tests.scheduler_svc.service_harness import (
     FAST_SETTINGS,
