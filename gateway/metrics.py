@@ -9,7 +9,7 @@ owns its registry, so several can live in one process (tests).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,9 +19,6 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-
-if TYPE_CHECKING:
-    from gateway.requests import ActiveRequest
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py).
 _TTFT_BUCKETS = (
@@ -36,6 +33,22 @@ _E2E_BUCKETS = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
     240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """What the metrics read of a request whose samples have all ended."""
+
+    finish_reasons: list[str]
+    prompt_tokens: int
+    generation_tokens: int
+    # Tokens of its longest sample: the time per output token is measured along it.
+    longest_sample: int
+    # time.monotonic() at its arrival, first and last token, and end.
+    arrival: float
+    first_token_at: float | None
+    last_token_at: float | None
+    finished_at: float
 
 
 class Metrics:
@@ -123,20 +136,19 @@ class Metrics:
         """Read the number of requests in flight at scrape time."""
         self.running.labels(self._model).set_function(count)
 
-    def request_finished(self, request: ActiveRequest, now: float) -> None:
+    def request_finished(self, request: FinishedRequest) -> None:
         model = self._model
-        for sample in request.samples:
-            self._success.labels(model, sample.finish_reason or "abort").inc()
-        self._prompt_tokens.labels(model).inc(len(request.prompt_token_ids))
-        self._generation_tokens.labels(model).inc(request.completion_tokens)
-        self._e2e.labels(model).observe(now - request.arrival)
+        for reason in request.finish_reasons:
+            self._success.labels(model, reason).inc()
+        self._prompt_tokens.labels(model).inc(request.prompt_tokens)
+        self._generation_tokens.labels(model).inc(request.generation_tokens)
+        self._e2e.labels(model).observe(request.finished_at - request.arrival)
         first, last = request.first_token_at, request.last_token_at
         if first is None or last is None:
             return
         self._ttft.labels(model).observe(first - request.arrival)
-        longest = max(len(s.token_ids) for s in request.samples)
-        if longest > 1:
-            self._tpot.labels(model).observe((last - first) / (longest - 1))
+        if request.longest_sample > 1:
+            self._tpot.labels(model).observe((last - first) / (request.longest_sample - 1))
 
     def request_aborted(self) -> None:
         self._aborted.inc()

@@ -2,16 +2,19 @@
 
 One session carries every request of this gateway, and the scheduler sends one
 ``StepOutputs`` per step for all of them. ``RequestTable.on_outputs`` applies such a
-message: each token goes through its sample's text pipeline (detokenizer, stop
-strings; ``pagoda.text.SampleStream``), a sample that completes a stop string is
-finished at the scheduler (its siblings go on), and every request that advanced is
-woken once — through an ``asyncio.Event`` that its API handler waits on, so a slow
-client coalesces several steps into one read instead of growing a queue.
+message with ``pagoda.text.request_state.apply_step``, the code the offline engine
+uses too (tokens, text, stop strings, logprobs, final records); what stays here is
+the gateway's part: a sample that completed a stop string is finished at the
+scheduler (its siblings go on), finished requests are counted in the metrics, and
+every request that advanced is woken once — through an ``asyncio.Event`` that its API
+handler waits on, so a slow client coalesces several steps into one read instead of
+growing a queue.
 
-A request ends in one of three ways besides finishing: its client goes away
+A request ends in one of four ways besides finishing: its client goes away
 (``abort``), its deadline passes (``expire``: aborted at the scheduler, answered 504),
-or the scheduler ends it without being asked (a ``FINISH_REASON_ABORT`` record: its
-deadline passed there first, or it dropped its queue while shutting down).
+the scheduler ends it without being asked (a ``FINISH_REASON_ABORT`` record: its
+deadline passed there first, or it dropped its queue while shutting down), or its
+generation fails inside the server (a ``FINISH_REASON_ERROR`` record: 500).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from dataclasses import dataclass, field
 
 from gateway import errors
 from gateway.errors import GatewayError
-from gateway.metrics import Metrics
+from gateway.metrics import FinishedRequest, Metrics
 from pagoda.sampling_params import SamplingParams
-from pagoda.text import SampleDelta, SampleStream, Tokenizer
-from pagoda.text.sample_stream import FINISH_REASONS
+from pagoda.text import SampleDelta, Tokenizer
+from pagoda.text.request_state import Failure, RequestState, apply_step
 from pagoda.v1 import common_pb2, session_pb2
 
 log = logging.getLogger(__name__)
@@ -36,26 +39,18 @@ log = logging.getLogger(__name__)
 Send = Callable[[session_pb2.GatewayMessage], None]
 
 
-@dataclass(eq=False)
-class ActiveRequest:
-    """One prompt and its n samples, from submit until every sample has ended."""
+@dataclass(eq=False, kw_only=True)
+class ActiveRequest(RequestState):
+    """A request's state, and what the gateway adds: its wake-up, times and deadline."""
 
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    samples: list[SampleStream]
     wake: asyncio.Event
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
-    num_cached_tokens: int = 0
-    prompt_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
     error: GatewayError | None = None
     # When the request's deadline passes (time.monotonic()), and the timeout it came from.
     deadline: float | None = None
     timeout_s: float | None = None
-    # Which sample's prompt logprobs are kept (each sequence may compute them).
-    _prompt_logprobs_index: int | None = None
 
     @classmethod
     def create(
@@ -66,38 +61,30 @@ class ActiveRequest:
         tokenizer: Tokenizer,
         wake: asyncio.Event,
     ) -> ActiveRequest:
-        samples = [
-            SampleStream.start(i, tokenizer, prompt_token_ids, params) for i in range(params.n)
-        ]
-        return cls(request_id, prompt_token_ids, params, samples, wake)
-
-    @property
-    def done(self) -> bool:
-        return all(s.finished for s in self.samples)
+        return cls.start(request_id, prompt_token_ids, params, tokenizer, wake=wake)
 
     @property
     def over(self) -> bool:
         """Nothing more will happen to it: finished or failed."""
         return self.error is not None or self.done
 
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.samples)
-
-    def take_deltas(self) -> list[SampleDelta]:
-        """What each sample added since the last call, in sample order."""
-        return [d for s in self.samples if (d := s.take_delta()) is not None]
-
-    def add_prompt_logprobs(self, index: int, entries: list[common_pb2.TokenLogprobs]) -> None:
-        if self._prompt_logprobs_index is None:
-            self._prompt_logprobs_index = index
-        if index == self._prompt_logprobs_index:
-            self.prompt_logprobs.extend(entries)
-
     def fail(self, error: GatewayError) -> None:
         if not self.over:
             self.error = error
             self.wake.set()
+
+    def finished_record(self, now: float) -> FinishedRequest:
+        """What the metrics read of it once every sample has ended."""
+        return FinishedRequest(
+            finish_reasons=[s.finish_reason or "abort" for s in self.samples],
+            prompt_tokens=len(self.prompt_token_ids),
+            generation_tokens=self.completion_tokens,
+            longest_sample=max(len(s.token_ids) for s in self.samples),
+            arrival=self.arrival,
+            first_token_at=self.first_token_at,
+            last_token_at=self.last_token_at,
+            finished_at=now,
+        )
 
 
 @dataclass(eq=False)
@@ -204,63 +191,27 @@ class RequestTable:
             request.fail(errors.from_rejection(rejected))
 
     def on_outputs(self, outputs: session_pb2.StepOutputs) -> None:
-        """Apply one step: tokens, logprobs, then finished records; wake each request once."""
+        """Apply one step (``pagoda.text.apply_step``), then do what it asks of the
+        gateway: finish stopped samples at the scheduler, fail a request whose sequence
+        failed and abort its siblings, count finished requests; wake each request once."""
         now = time.monotonic()
-        touched: dict[str, ActiveRequest] = {}
         active = self._active
-        for rid, index, token in zip(
-            outputs.request_ids, outputs.indices, outputs.token_ids, strict=True
-        ):
-            request = active.get(rid)
-            if request is None or index >= len(request.samples):
-                continue  # aborted, failed or finished here: late tokens are dropped
-            touched[rid] = request
-            if request.first_token_at is None:
-                request.first_token_at = now
-            request.last_token_at = now
-            sample = request.samples[index]
-            stop = sample.add_token(token)
-            if stop is not None:
-                sample.finish("stop", stop)
+        for rid, report in apply_step(outputs, active).items():
+            request = active[rid]
+            if report.got_tokens:
+                if request.first_token_at is None:
+                    request.first_token_at = now
+                request.last_token_at = now
+            for index in report.stopped:
                 self._finish_at_scheduler(rid, index)
-        for delta in outputs.logprobs:
-            request = active.get(delta.request_id)
-            if request is None or delta.index >= len(request.samples):
-                continue
-            touched[delta.request_id] = request
-            if delta.prompt:
-                request.add_prompt_logprobs(delta.index, list(delta.prompt))
-            request.samples[delta.index].add_logprobs(delta.tokens)
-        for fin in outputs.finished:
-            request = active.get(fin.request_id)
-            if request is None or fin.index >= len(request.samples):
-                continue
-            touched[fin.request_id] = request
-            self._apply_finished(request, fin)
-        for rid, request in touched.items():
+            if report.failure is not None:
+                request.fail(_failure_error(request, report.failure))
             if request.done:
                 del active[rid]
-                self._metrics.request_finished(request, now)
+                self._metrics.request_finished(request.finished_record(now))
             elif request.error is not None:  # a sequence failed: end its siblings too
                 self._drop(request)
             request.wake.set()
-
-    def _apply_finished(self, request: ActiveRequest, fin: session_pb2.SequenceFinished) -> None:
-        sample = request.samples[fin.index]
-        request.num_cached_tokens = max(request.num_cached_tokens, fin.num_cached_tokens)
-        if sample.finished:  # this gateway already ended it (a stop string)
-            return
-        if fin.reason == common_pb2.FINISH_REASON_ERROR:
-            request.fail(errors.internal("generation failed inside the server"))
-            return
-        if fin.reason == common_pb2.FINISH_REASON_ABORT:
-            # This gateway never finishes a sequence with ABORT (an abort it sends gets no
-            # answer), so the scheduler ended it: a client must not take the cut-off text
-            # for a whole answer.
-            request.fail(_scheduler_abort_error(request))
-            return
-        stop = fin.stop_token_id if fin.HasField("stop_token_id") else None
-        sample.finish(FINISH_REASONS.get(fin.reason, "abort"), stop)
 
     def _finish_at_scheduler(self, request_id: str, index: int) -> None:
         self._send_quietly(
@@ -282,6 +233,14 @@ class RequestTable:
 # A scheduler abort this close to the request's own deadline is that deadline passing at
 # the scheduler first (the two clocks and the two timers never agree to the millisecond).
 DEADLINE_SLACK_S = 1.0
+
+
+def _failure_error(request: ActiveRequest, failure: Failure) -> GatewayError:
+    if failure.reason == "error":
+        return errors.internal("generation failed inside the server")
+    # This gateway never finishes a sequence with ABORT (an abort it sends gets no answer),
+    # so the scheduler ended it: a client must not take the cut-off text for a whole answer.
+    return _scheduler_abort_error(request)
 
 
 def _scheduler_abort_error(request: ActiveRequest) -> GatewayError:

@@ -3,7 +3,10 @@
 It wires the two cores that the services run apart — the scheduler
 (``scheduler_svc.scheduler.Scheduler``) and the worker's ``ModelRunner`` — in one
 process, with the text module for prompts, output text and stop strings. Every
-message between them is the same ``pagoda.v1`` protobuf the services exchange.
+message between them is the same ``pagoda.v1`` protobuf the services exchange, and
+each step's outputs reach the requests through ``pagoda.text.request_state``, as they
+do at the gateway; what stays here is the progress bar and finishing a sample that hit
+a stop string at the in-process scheduler.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from tqdm import tqdm
 from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from pagoda.sampling_params import SamplingParams
 from pagoda.text import Tokenizer
-from pagoda.text.sample_stream import FINISH_REASONS, SampleStream
+from pagoda.text.request_state import Failure, RequestState, apply_step
 from pagoda.v1 import common_pb2, session_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.scheduler import Scheduler
@@ -186,8 +189,7 @@ class LLM:
             priority=priority,
         )
         self.scheduler.add(submit, time.monotonic())
-        samples = [SampleStream.start(i, self.tokenizer, ids, params) for i in range(params.n)]
-        return _Request(request_id, text, ids, params, samples)
+        return _Request.start(request_id, ids, params, self.tokenizer, prompt=text)
 
     def _run(self, requests: list[_Request], use_tqdm: bool) -> None:
         by_id = {r.request_id: r for r in requests}
@@ -213,45 +215,42 @@ class LLM:
             bar.close()
 
     def _deliver(self, outputs: session_pb2.StepOutputs, by_id: dict[str, _Request]) -> int:
-        """Apply one step's outputs; returns how many requests completed."""
-        for rid, index, token in zip(
-            outputs.request_ids, outputs.indices, outputs.token_ids, strict=True
-        ):
-            sample = by_id[rid].samples[index]
-            stop = sample.add_token(token)
-            finished = stop is not None and sample.finish_reason is None
-            if finished and self.scheduler.finish(rid, index) is not None:
-                sample.finish("stop", stop)
-        for delta in outputs.logprobs:
-            request = by_id[delta.request_id]
-            if delta.prompt:
-                request.prompt_logprobs.extend(delta.prompt)
-            request.samples[delta.index].add_logprobs(delta.tokens)
+        """Apply one step's outputs (``apply_step``, as the gateway does); returns how many
+        requests completed."""
         done = 0
-        for fin in outputs.finished:
-            request = by_id[fin.request_id]
-            sample = request.samples[fin.index]
-            if sample.finish_reason is None:
-                stop = fin.stop_token_id if fin.HasField("stop_token_id") else None
-                sample.finish(FINISH_REASONS[fin.reason], stop)
-            request.num_cached_tokens = max(request.num_cached_tokens, fin.num_cached_tokens)
+        for rid, report in apply_step(outputs, by_id).items():
+            request = by_id[rid]
+            for index in report.stopped:
+                self.scheduler.finish(rid, index)
+            if report.failure is not None:
+                self._fail(request, report.failure)
             done += request.complete()
         return done
 
+    def _fail(self, request: _Request, failure: Failure) -> None:
+        """A sequence failed inside the engine: raise. Aborted by the scheduler: its
+        siblings end too and its unfinished samples say "abort", as vLLM's do."""
+        if failure.reason == "error":
+            raise RuntimeError(
+                f"generation failed inside the engine (request {request.request_id}, "
+                f"sample {failure.index})"
+            )
+        self.scheduler.abort(request.request_id)
+        for sample in request.samples:
+            if not sample.finished:
+                sample.finish("abort", None)
 
-@dataclass
-class _Request:
-    request_id: str
+
+@dataclass(eq=False, kw_only=True)
+class _Request(RequestState):
+    """A request's state, with the prompt text it came with."""
+
     prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    samples: list[SampleStream]
-    prompt_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
-    num_cached_tokens: int = 0
     completed: bool = False
 
     def complete(self) -> int:
-        if self.completed or any(s.finish_reason is None for s in self.samples):
+        """1 the first time every sample has ended, else 0 (for the progress bar)."""
+        if self.completed or not self.done:
             return 0
         self.completed = True
         return 1

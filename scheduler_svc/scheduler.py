@@ -421,11 +421,14 @@ class Scheduler:
         token_logprobs = {e.seq: e.positions for e in result.logprobs} if result.logprobs else None
         for entry in result.prompt_logprobs:
             seq = seqs.get(entry.seq)
-            if seq is not None and seq.replica_id == replica_id:
+            if seq is None or seq.replica_id != replica_id:
+                continue
+            positions = _unsent_prompt_logprobs(seq, entry)
+            if positions:
                 out = outputs.setdefault(seq.request.owner, _Outputs())
                 out.logprobs.append(
                     session_pb2.DeltaLogprobs(
-                        request_id=seq.request.request_id, index=seq.index, prompt=entry.positions
+                        request_id=seq.request.request_id, index=seq.index, prompt=positions
                     )
                 )
         any_finished = False
@@ -782,3 +785,21 @@ class Scheduler:
 
 def _sort_key(seq: Sequence) -> tuple[int, float, int]:
     return seq.sort_key
+
+
+def _unsent_prompt_logprobs(
+    seq: Sequence, entry: step_pb2.SequenceLogprobs
+) -> list[common_pb2.TokenLogprobs]:
+    """This step's prompt logprobs of ``seq`` for the positions it has not sent before.
+
+    They end at the last prompt position computed in this step (the worker gives one per
+    prompt token after the first, up to ``num_computed_tokens``). A sequence that was
+    preempted or moved computes its prompt again from the start, and a client must get
+    each position once.
+    """
+    positions = entry.positions
+    last = min(seq.num_computed_tokens, seq.num_prompt_tokens - 1)
+    first = last - len(positions) + 1
+    skip = max(0, seq.num_prompt_logprobs_sent + 1 - first)
+    seq.num_prompt_logprobs_sent = max(seq.num_prompt_logprobs_sent, last)
+    return list(positions[skip:])

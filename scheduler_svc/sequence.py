@@ -72,6 +72,8 @@ class Sequence:
     num_cached_tokens: int = 0
     admitted_once: bool = False
     num_preemptions: int = 0
+    # Prompt positions whose logprobs were sent: a preempted sequence computes them again.
+    num_prompt_logprobs_sent: int = 0
     # Which entry of the waiting heap is this sequence's live one (older entries are stale).
     queue_entry: int = 0
     # When a replica first left it for another replica that caches more of its prefix

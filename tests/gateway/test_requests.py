@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grimp
 import pytest
 
 from gateway.errors import GatewayError
@@ -141,6 +142,21 @@ def test_a_sequence_the_scheduler_aborted_fails_its_request_and_ends_its_sibling
     assert [m.abort.request_id for m in sent if m.WhichOneof("kind") == "abort"] == ["r"]
 
 
+def test_a_sequence_that_failed_inside_the_server_fails_its_request_with_a_500(
+    tokenizer: Tokenizer,
+) -> None:
+    table, sent = _table()
+    request = _request(tokenizer, n=2)
+    table.add(request)
+    table.on_outputs(_outputs("r", {0: 40, 1: 41}))
+    out = _outputs("r", {0: 42})
+    out.finished.add(request_id="r", index=1, reason=common_pb2.FINISH_REASON_ERROR)
+    table.on_outputs(out)
+    assert request.error is not None and request.error.status == 500
+    assert [m.abort.request_id for m in sent if m.WhichOneof("kind") == "abort"] == ["r"]
+    assert len(table) == 0 and request.wake.is_set()
+
+
 def test_a_scheduler_abort_at_the_deadline_is_a_504(tokenizer: Tokenizer) -> None:
     table, _ = _table()
     request = _request(tokenizer)
@@ -187,3 +203,12 @@ def test_the_last_tokens_reach_a_consumer_that_was_busy_when_they_arrived(
 
     tokens, reasons = asyncio.run(scenario())
     assert tokens == [40, 41, 2] and reasons[-1] == "stop"
+
+
+def test_the_metrics_know_nothing_of_the_request_table() -> None:
+    """They read a finished-request record, so the two modules import one way only (an
+    import made for type checking counts too)."""
+    chain = grimp.build_graph("gateway").find_shortest_chain(
+        importer="gateway.metrics", imported="gateway.requests"
+    )
+    assert chain is None

@@ -573,6 +573,38 @@ def test_logprobs_reach_the_owner_of_the_sequence():
     assert [p.token_id for p in delta.tokens] == [42] and not delta.prompt
 
 
+def test_a_sequence_that_computes_its_prompt_again_sends_each_position_once():
+    """A sequence preempted or moved (here: its replica reset) computes its prompt again
+    from the start; the prompt logprobs it sent before are not sent again."""
+    cluster = Cluster(config(max_num_batched_tokens=16))
+    cluster.join(0, 64)
+    prompt = list(range(1, 25))
+    params = SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=0)
+    cluster.submit("r", prompt, params, owner="gw")
+    scheduler = cluster.scheduler
+    seq = scheduler.sequence("r", owner="gw")
+
+    def step(first: int, last: int) -> list[int]:
+        """Run a step whose prompt logprobs are those of positions first..last, as the
+        worker computes them; returns the prompt tokens whose logprobs went out."""
+        plan = scheduler.schedule(0, 0.0)
+        result = step_pb2.StepResult(replica_id=0, epoch=plan.epoch, step=plan.step)
+        targets = prompt[first : last + 1]
+        result.prompt_logprobs.add(
+            seq=seq.seq_id, positions=[common_pb2.TokenLogprobs(token_id=t) for t in targets]
+        )
+        if seq.num_computed_tokens == len(prompt):
+            result.seqs.append(seq.seq_id)
+            result.token_ids.append(7)
+        outputs = scheduler.update(result).get("gw", session_pb2.StepOutputs())
+        return [p.token_id for delta in outputs.logprobs for p in delta.prompt]
+
+    assert step(1, 16) == prompt[1:17]  # tokens 0..15 computed: positions 1..16
+    scheduler.reset(0)
+    assert step(1, 16) == []  # the same chunk again: nothing new
+    assert step(17, 23) == prompt[17:24]  # the rest, with the first output token
+
+
 def test_a_request_asking_for_prompt_logprobs_computes_its_whole_prompt():
     cluster = Cluster(config())
     cluster.join(0, 64)
