@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 from pagoda.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from pagoda.llm import LLM
+    from pagoda.entrypoints.llm import LLM
     from pagoda.outputs import CompletionOutput, RequestOutput
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]
 
 _LAZY = {
-    "LLM": "pagoda.llm",
+    "LLM": "pagoda.entrypoints.llm",
     "RequestOutput": "pagoda.outputs",
     "CompletionOutput": "pagoda.outputs",
 }

@@ -2,6 +2,6 @@
 
 import sys
 
-from pagoda.cli import main
+from pagoda.entrypoints.cli import main
 
 sys.exit(main())

@@ -18,7 +18,7 @@ assert not heavy, heavy
     [
         "pagoda",
         "pagoda.v1, pagoda.v1.step_pb2, pagoda.v1.session_pb2, pagoda.v1.api_pb2",
-        "pagoda.sampling_params, pagoda.cli",
+        "pagoda.sampling_params, pagoda.entrypoints.cli",
         "pagoda.model_card.card, pagoda.model_card.gguf_metadata, pagoda.model_card.writer",
         "pagoda.kv_events, pagoda.flags",
         "scheduler_svc.scheduler, scheduler_svc.block_manager",

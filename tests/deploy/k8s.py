@@ -171,7 +171,7 @@ def environment(env: dict[str, str]) -> Iterator[None]:
 def parse_cli(argv: list[str], env: dict[str, str] | None = None) -> argparse.Namespace:
     """``pagoda ARGV`` parsed by the real parser, which reads its environment fallbacks
     while it is built; a usage error becomes an AssertionError with argparse's message."""
-    from pagoda.cli import SERVICES, build_parser
+    from pagoda.entrypoints.cli import SERVICES, build_parser
 
     command = argv[0] if argv else None
     err = io.StringIO()
@@ -185,7 +185,7 @@ def parse_cli(argv: list[str], env: dict[str, str] | None = None) -> argparse.Na
 
 def cli_help(command: str) -> str:
     """``pagoda COMMAND --help``, unwrapped by a wide terminal."""
-    from pagoda.cli import build_parser
+    from pagoda.entrypoints.cli import build_parser
 
     out = io.StringIO()
     with (

@@ -29,8 +29,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from pagoda import cli
 from pagoda.default_model import DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_VERSION
+from pagoda.entrypoints import cli
 from tests.deploy.dockerfile import Dockerfile, Image, shell_commands
 from tests.deploy.tools import REPO, tool
 from tests.lock import LOCK, PINS_IN, linux_x86_64, pins, requirements

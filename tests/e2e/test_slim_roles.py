@@ -76,7 +76,8 @@ def test_the_slim_environment_has_no_torch(slim_python, tmp_path):
         assert out.returncode != 0 and f"No module named '{module}'" in out.stderr, module
     # ... while the gateway and the scheduler import from the install itself.
     out = subprocess.run(
-        [str(slim_python), "-c", "import gateway.server, scheduler_svc.server, pagoda.cli"],
+        [str(slim_python), "-c",
+         "import gateway.server, scheduler_svc.server, pagoda.entrypoints.cli"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

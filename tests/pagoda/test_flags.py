@@ -10,8 +10,8 @@ import io
 
 import pytest
 
-from pagoda import serve
-from pagoda.cli import build_parser
+from pagoda.entrypoints import serve
+from pagoda.entrypoints.cli import build_parser
 from pagoda.flags import Flag, Unset, add_flags, given, to_argv
 
 ENV = "PAGODA_TEST_FLAG"

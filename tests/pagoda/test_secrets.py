@@ -52,7 +52,7 @@ def test_a_named_file_that_fails_is_an_error_not_an_open_door(tmp_path: Path, pr
 
 def test_each_service_reads_its_secret_file(tmp_path: Path, monkeypatch) -> None:
     """The file flags exist and reach each service's settings (parsed by the real CLI)."""
-    from pagoda.cli import build_parser
+    from pagoda.entrypoints.cli import build_parser
     from tests.worker_svc.hf_oracle import build_model
 
     card = build_model("llama", tmp_path)

@@ -66,7 +66,7 @@ def test_bad_settings_exit_2_before_binding_anything(model_dir, capsys):
 def test_the_service_modules_never_load_torch():
     code = (
         "import sys, scheduler_svc.server, scheduler_svc.service, scheduler_svc.workers\n"
-        "names = ('torch', 'transformers', 'worker_svc', 'gateway', 'pagoda.llm')\n"
+        "names = ('torch', 'transformers', 'worker_svc', 'gateway', 'pagoda.entrypoints.llm')\n"
         "heavy = [m for m in names if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -154,7 +154,7 @@ def test_card_modules_never_load_torch(tmp_path):
     folder = make_folder(tmp_path / "m")
     code = (
         "import sys\n"
-        "import pagoda.cli, pagoda.default_model, pagoda.model_card.writer\n"
+        "import pagoda.entrypoints.cli, pagoda.default_model, pagoda.model_card.writer\n"
         "from pagoda.model_card.card import ModelCard\n"
         "ModelCard.load(sys.argv[1]).to_proto()\n"
         "pagoda.default_model.default_model_path()\n"

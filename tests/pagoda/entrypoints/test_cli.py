@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pagoda.cli import SERVICES, build_parser, main
+from pagoda.entrypoints.cli import SERVICES, build_parser, main
 
 COMMANDS = [*SERVICES, "prepare-model", "health"]
 
@@ -117,7 +117,7 @@ def test_health_as_a_command_loads_no_service_and_no_torch(probe_port):
     """The images run it every few seconds: it must not pay for a service's imports."""
     script = (
         "import sys\n"
-        "from pagoda.cli import main\n"
+        "from pagoda.entrypoints.cli import main\n"
         f"code = main(['health', '--port', '{probe_port}'])\n"
         "heavy = ('gateway', 'scheduler_svc', 'worker_svc', 'pagoda_kernels', 'torch', 'grpc')\n"
         "print(code, sorted(m for m in heavy if m in sys.modules))\n"
