@@ -1,4 +1,4 @@
-"""The scheduler's state for requests and their sequences.
+"""The scheduler's state for requests and their sequences, and why a sequence stops.
 
 A request with ``n`` samples is ``n`` sequences, each finished, aborted and
 seeded on its own; they share the request's prompt, sampling parameters and seed.
@@ -15,6 +15,10 @@ from pagoda.v1 import common_pb2
 
 # A max_tokens that never binds (the sequence stops at max_model_len instead).
 UNLIMITED = 2**62
+
+STOP = common_pb2.FINISH_REASON_STOP
+LENGTH = common_pb2.FINISH_REASON_LENGTH
+ABORT = common_pb2.FINISH_REASON_ABORT
 
 
 class Status(enum.Enum):
@@ -87,3 +91,18 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+
+def stop_reason(seq: Sequence, token: int, eos: frozenset[int], max_model_len: int) -> int | None:
+    """Why ``seq`` ends now that ``token`` is its last one: STOP on an EOS token (unless
+    it ignores EOS) or one of its stop tokens, once it has ``min_tokens`` of output;
+    LENGTH at ``max_tokens`` of output or ``max_model_len`` in all; None: it goes on."""
+    num_tokens = len(seq.token_ids)
+    num_output = num_tokens - seq.num_prompt_tokens
+    if num_output >= seq.min_tokens and (
+        (token in eos and not seq.ignore_eos) or token in seq.stop_token_ids
+    ):
+        return STOP
+    if num_output >= seq.max_tokens or num_tokens >= max_model_len:
+        return LENGTH
+    return None
