@@ -25,7 +25,8 @@ from pagoda.default_model import default_model_path
 from pagoda.model_card import ModelCardError
 from pagoda.secrets import read_secret
 from worker_svc.model_card_writer import identity_of
-from worker_svc.service import ModelInfo, Runner, WorkerService, WorkerSettings
+from worker_svc.service import Runner, WorkerService
+from worker_svc.settings import ModelInfo, WorkerSettings
 
 log = logging.getLogger("pagoda.worker")
 
