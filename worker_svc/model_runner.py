@@ -27,7 +27,7 @@ from worker_svc.layers import cpu_gemm
 from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.loader import is_gguf, load_model
 from worker_svc.memory import keep_freed_memory
-from worker_svc.sampler import Sampler, prompt_logprobs
+from worker_svc.sampling import Sampler, prompt_logprobs
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
 

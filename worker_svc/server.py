@@ -25,7 +25,8 @@ from pagoda.flags import Flag, Unset, add_flags, given, host_and_pid
 from pagoda.model_card.errors import ModelCardError
 from pagoda.model_card.writer import identity_of
 from pagoda.secrets import read_secret
-from worker_svc.service import ModelInfo, Runner, WorkerService, WorkerSettings
+from worker_svc.service import Runner, WorkerService
+from worker_svc.settings import ModelInfo, WorkerSettings
 
 log = logging.getLogger("pagoda.worker")
 

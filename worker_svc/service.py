@@ -1,26 +1,20 @@
-"""The worker process's shell: ZeroMQ to the scheduler, a heartbeat thread, probes.
+"""The worker process's shell: the main loop between the runner and the scheduler.
 
 The ``ModelRunner`` is the worker's core and decides every protocol question that
 concerns state (stale epochs, step gaps, unknown sequences). This shell only moves
 ``WorkerMessage`` / ``SchedulerMessage`` bytes between the runner and the scheduler
 (docs/services.md, "The step protocol in motion"):
 
-- the main thread owns the ``<worker_id>/main`` DEALER: Hello, Welcome / Refusal /
-  Reset, plans in and results out, Drain on the way out;
-- a heartbeat thread owns a second DEALER, ``<worker_id>/hb`` (a ZeroMQ socket belongs
-  to one thread), so beats keep flowing while a long step holds the main thread (torch
-  releases the GIL inside its ops), and a silent scheduler is noticed even then;
+- the main thread owns the ``<worker_id>/main`` DEALER (``worker_svc.connection``):
+  Hello, Welcome / Refusal / Reset, plans in and results out, Drain on the way out;
+- a heartbeat thread (``worker_svc.heartbeat``) beats on a DEALER of its own, so a
+  silent scheduler is noticed even while a long step holds the main thread;
 - a probe server answers ``/health``, ``/ready`` and ``/metrics`` from its own thread.
 
 The worker registers again (a new Hello) whenever the scheduler may have forgotten it:
 after a Reset, when heartbeat answers stop for the timeout, and when the main
 connection drops (a restarted scheduler may well answer heartbeats, so silence alone
-would not tell).
-
-Both DEALERs queue messages only to a live connection (``IMMEDIATE``): a result or a
-beat meant for a scheduler that died is worthless to the next one, and a pile of
-queued Hellos would make a restarted scheduler register the worker many times over.
-Torch-free, so the process can set its thread count before torch loads.
+would not tell). Torch-free, so the process can set its thread count before torch loads.
 
 Leaving (SIGTERM) is a graceful drain: the worker finishes the step in hand, sends
 ``Drain{grace_ms}`` and keeps running plans, while the scheduler admits nothing new to
@@ -36,16 +30,16 @@ import logging
 import threading
 import time
 from collections.abc import Sized
-from dataclasses import dataclass
 from typing import Protocol
 
 import zmq
-from google.protobuf.message import DecodeError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from zmq.utils.monitor import recv_monitor_message
 
 from pagoda.probes import ProbeServer
 from pagoda.v1 import PROTOCOL_VERSION, step_pb2
+from worker_svc.connection import POLL_S, Connection, dropped, parse
+from worker_svc.heartbeat import Heartbeat, Link
+from worker_svc.metrics import WorkerMetrics
+from worker_svc.settings import ModelInfo, WorkerSettings, endpoint
 
 log = logging.getLogger("pagoda.worker")
 
@@ -58,14 +52,10 @@ HELLO_ANSWER_WAIT_S = 2.0
 # A main loop that has not come round for this long while idle is stuck (it polls every
 # POLL_S); a step may run much longer, up to STEP_HANG_S, before liveness gives up on it
 # (the scheduler's own step timeout declares the replica dead long before that).
-POLL_S = 0.1
 LOOP_STALL_S = 30.0
 STEP_HANG_S = 600.0
 # A draining worker waits this long past its grace period for the scheduler's release.
 DRAIN_MARGIN_S = 5.0
-# Transport-level keepalive of both DEALERs (see _dealer).
-ZMTP_PING_MS = 2000
-ZMTP_TIMEOUT_MS = 6000
 
 
 class Runner(Protocol):
@@ -76,162 +66,6 @@ class Runner(Protocol):
     def execute(self, plan: step_pb2.StepPlan) -> step_pb2.StepResult: ...
 
     def reset(self, replica_id: int, epoch: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the worker holds, as its Hello reports it to the scheduler."""
-
-    identity: str
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
-    max_model_len: int
-    num_kv_blocks: int
-    block_size: int
-    dtype: str
-    device: str
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """The transport's settings; the server fills them from flags and the environment."""
-
-    scheduler: str  # "HOST:PORT" (or a full "tcp://..." endpoint) of the step ROUTER
-    worker_id: str
-    shared_secret: str = ""
-    http_host: str = "127.0.0.1"
-    http_port: int = 8002
-    # Used until a Welcome's config says otherwise.
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 10.0
-    # After a non-fatal Refusal, Hello again after this long, doubling up to the maximum.
-    hello_backoff_s: float = 0.5
-    hello_backoff_max_s: float = 10.0
-    # How long closing a socket may wait to deliver what is queued (the last result).
-    linger_ms: int = 1000
-    # After SIGTERM: how long the worker keeps running the sequences it holds.
-    drain_grace_s: float = 30.0
-
-
-def endpoint(address: str) -> str:
-    """``HOST:PORT`` -> ``tcp://HOST:PORT``; a full ZeroMQ endpoint is kept as is."""
-    return address if "://" in address else f"tcp://{address}"
-
-
-@dataclass
-class _Link:
-    """The registration, shared between the main thread (writer) and the heartbeat thread."""
-
-    replica_id: int = 0
-    epoch: int = 0
-    last_step: int = 0
-    interval_s: float = 1.0
-    timeout_s: float = 10.0
-
-
-class WorkerMetrics:
-    """The worker's Prometheus metrics, in a registry of its own (one per service)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.steps = Counter("pagoda_worker_steps", "Plans computed.", registry=r)
-        self.step_errors = Counter(
-            "pagoda_worker_step_errors",
-            "Plans refused or failed, by StepError kind.",
-            ["kind"],
-            registry=r,
-        )
-        self.step_seconds = Histogram(
-            "pagoda_worker_step_seconds",
-            "Compute time of one step (the result's compute_seconds).",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=r,
-        )
-        self.running_sequences = Gauge(
-            "pagoda_worker_running_sequences", "Sequences whose state the worker holds.", registry=r
-        )
-        self.kv_blocks = Gauge("pagoda_worker_kv_blocks", "KV-cache blocks held.", registry=r)
-        self.registered = Gauge(
-            "pagoda_worker_registered", "1 while the worker holds a Welcome.", registry=r
-        )
-        self.step_running = Gauge(
-            "pagoda_worker_step_running", "1 while a step is being computed.", registry=r
-        )
-        self.tokens = Counter("pagoda_worker_tokens", "Tokens sampled.", registry=r)
-
-
-class _Heartbeat(threading.Thread):
-    """Beats on a socket of its own and tells the main loop when the scheduler falls silent.
-
-    Silence (no answer for the timeout) sets ``silence``; the main loop then registers
-    again, since a scheduler that restarted has forgotten this worker. The timer starts
-    over after each alarm, so a scheduler that stays away is asked once per timeout.
-    """
-
-    def __init__(self, ctx: zmq.Context, address: str, identity: str, link: _Link, worker_id: str):
-        super().__init__(name="heartbeat", daemon=True)
-        self._ctx, self._address, self._identity = ctx, address, identity
-        self._link, self._worker_id = link, worker_id
-        self.silence = threading.Event()
-        self._halt = threading.Event()  # not _stop: threading.Thread has a method of that name
-        self.last_tick = time.monotonic()
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    def run(self) -> None:
-        sock = _dealer(self._ctx, self._address, self._identity)
-        try:
-            self._beat(sock)
-        finally:
-            sock.close(linger=0)
-
-    def _beat(self, sock: zmq.Socket) -> None:
-        """Beat every interval (a new interval from a Welcome applies to the next beat);
-        a beat that finds no connection is retried soon, not an interval later."""
-        link = self._link
-        last_answer = time.monotonic()
-        last_sent, retry_at = float("-inf"), 0.0
-        while not self._halt.is_set():
-            now = self.last_tick = time.monotonic()
-            if now >= max(last_sent + link.interval_s, retry_at):
-                if self._send(sock):
-                    last_sent = now
-                else:
-                    retry_at = now + POLL_S
-            if now - last_answer > link.timeout_s:
-                self.silence.set()
-                last_answer = now
-            next_beat = max(last_sent + link.interval_s, retry_at)
-            wait = min(max(next_beat - now, 0.0), POLL_S)
-            if sock.poll(wait * 1000) and self._drain_answers(sock):
-                last_answer = time.monotonic()
-
-    def _send(self, sock: zmq.Socket) -> bool:
-        link = self._link
-        beat = step_pb2.Heartbeat(
-            worker_id=self._worker_id,
-            replica_id=link.replica_id,
-            epoch=link.epoch,
-            last_step=link.last_step,
-        )
-        try:
-            sock.send(step_pb2.WorkerMessage(heartbeat=beat).SerializeToString(), zmq.NOBLOCK)
-            return True
-        except zmq.Again:  # not connected yet, or no longer
-            return False
-
-    def _drain_answers(self, sock: zmq.Socket) -> bool:
-        """Read everything waiting; True when a heartbeat answer was among it."""
-        answered = False
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return answered
-            msg = _parse(frames)
-            answered |= msg is not None and msg.WhichOneof("kind") == "heartbeat"
 
 
 class WorkerService:
@@ -247,14 +81,14 @@ class WorkerService:
         self.metrics = WorkerMetrics()
         self._stop = threading.Event()
         self._force = threading.Event()  # a second stop: leave without waiting
-        self._link = _Link(
+        self._link = Link(
             interval_s=settings.heartbeat_interval_s, timeout_s=settings.heartbeat_timeout_s
         )
         self._registered = False
         self._serving = False
         self._main_tick = time.monotonic()
         self._step_since: float | None = None
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: Heartbeat | None = None
         self._probes: ProbeServer | None = None
         self._hello_due: float | None = None
         self._backoff_s = settings.hello_backoff_s
@@ -288,8 +122,8 @@ class WorkerService:
         self.metrics.kv_blocks.set(info.num_kv_blocks)
         ctx = zmq.Context()
         address = endpoint(s.scheduler)
-        conn = _Connection(ctx, address, f"{s.worker_id}/main")
-        self._heartbeat = _Heartbeat(ctx, address, f"{s.worker_id}/hb", self._link, s.worker_id)
+        conn = Connection(ctx, address, f"{s.worker_id}/main")
+        self._heartbeat = Heartbeat(ctx, address, f"{s.worker_id}/hb", self._link, s.worker_id)
         self._heartbeat.start()
         self._serving = True
         try:
@@ -325,7 +159,7 @@ class WorkerService:
 
     # -- the main loop -------------------------------------------------------------------
 
-    def _loop(self, conn: _Connection, runner: Runner, info: ModelInfo) -> int:
+    def _loop(self, conn: Connection, runner: Runner, info: ModelInfo) -> int:
         self._hello_due = time.monotonic()
         while not self._stop.is_set():
             now = self._main_tick = time.monotonic()
@@ -338,7 +172,7 @@ class WorkerService:
                 self._check_connection(monitor, runner)
             if sock not in events:
                 continue
-            msg = _parse(sock.recv_multipart())
+            msg = parse(sock.recv_multipart())
             if msg is not None:
                 code = self._handle(msg, sock, runner)
                 if code is not None:
@@ -362,7 +196,7 @@ class WorkerService:
     def _check_connection(self, monitor: zmq.Socket, runner: Runner) -> None:
         """A dropped connection: a restarted scheduler knows nothing of this worker (even if
         it answers heartbeats), so Hello again as soon as the DEALER has reconnected."""
-        if _dropped(monitor):
+        if dropped(monitor):
             log.warning(
                 "worker %s lost its connection to the scheduler: saying hello again",
                 self.settings.worker_id,
@@ -419,7 +253,7 @@ class WorkerService:
 
     # -- membership ----------------------------------------------------------------------
 
-    def _send_hello(self, conn: _Connection, info: ModelInfo) -> None:
+    def _send_hello(self, conn: Connection, info: ModelInfo) -> None:
         s = self.settings
         if conn.carried_hello:
             conn.renew()
@@ -502,7 +336,7 @@ class WorkerService:
         self.metrics.running_sequences.set(0)
         self._hello_due = hello_at
 
-    def _drain(self, conn: _Connection, runner: Runner) -> None:
+    def _drain(self, conn: Connection, runner: Runner) -> None:
         """Tell the scheduler, then run its plans until it releases this worker (a Reset),
         the grace period and a margin are over, it falls silent, or a second stop comes."""
         s, sock, monitor = self.settings, conn.sock, conn.monitor
@@ -531,12 +365,12 @@ class WorkerService:
                 why = "the scheduler fell silent"
                 break
             events = dict(poller.poll(POLL_S * 1000))
-            if monitor in events and _dropped(monitor):
+            if monitor in events and dropped(monitor):
                 why = "the connection to the scheduler dropped"
                 break
             if sock not in events:
                 continue
-            msg = _parse(sock.recv_multipart())
+            msg = parse(sock.recv_multipart())
             kind = msg.WhichOneof("kind") if msg is not None else None
             if kind == "plan":
                 self._send(sock, step_pb2.WorkerMessage(result=self._step(runner, msg.plan)))
@@ -564,65 +398,6 @@ class WorkerService:
             return False
 
 
-class _Connection:
-    """The main DEALER, its monitor and their poller.
-
-    A Hello that goes out again goes out on a new connection. One sent into a connection
-    whose link is down (no error: TCP has not noticed) waits in its queue, and when the
-    link heals it arrives together with every later one, each registering a new replica
-    and ending the one before. Closing the old socket (linger 0) drops what it queued;
-    the scheduler's ROUTER hands this worker's identity over to the new connection.
-    """
-
-    def __init__(self, ctx: zmq.Context, address: str, identity: str) -> None:
-        self._ctx, self._address, self._identity = ctx, address, identity
-        self._open()
-
-    def _open(self) -> None:
-        self.sock = _dealer(self._ctx, self._address, self._identity)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.poller = zmq.Poller()
-        self.poller.register(self.sock, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
-        self.carried_hello = False
-
-    def renew(self) -> None:
-        """Drop this connection and whatever it still queues; dial again."""
-        self.close(linger_ms=0)
-        self._open()
-
-    def close(self, *, linger_ms: int) -> None:
-        self.sock.disable_monitor()
-        self.monitor.close(linger=0)
-        self.sock.close(linger=linger_ms)
-
-
-def _dropped(monitor: zmq.Socket) -> bool:
-    """Read the monitor's events; True when the connection dropped among them."""
-    dropped = False
-    while True:
-        try:
-            event = recv_monitor_message(monitor, zmq.NOBLOCK)
-        except zmq.Again:
-            return dropped
-        dropped |= event["event"] == zmq.EVENT_DISCONNECTED
-
-
-def _dealer(ctx: zmq.Context, address: str, identity: str) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, identity.encode())
-    sock.setsockopt(zmq.IMMEDIATE, 1)
-    sock.setsockopt(zmq.LINGER, 0)
-    # ZMTP pings notice a peer that vanished without closing its connection (a dead host);
-    # the libzmq I/O thread answers them, so a long step in this process never trips them.
-    sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_PING_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
-    if address.startswith("tcp://["):
-        sock.setsockopt(zmq.IPV6, 1)
-    sock.connect(address)
-    return sock
-
-
 def _failed(plan: step_pb2.StepPlan, exc: Exception, seconds: float) -> step_pb2.StepResult:
     detail = f"{type(exc).__name__}: {exc}"
     return step_pb2.StepResult(
@@ -632,14 +407,3 @@ def _failed(plan: step_pb2.StepPlan, exc: Exception, seconds: float) -> step_pb2
         error=StepError(kind=StepError.EXECUTION_FAILED, detail=detail),
         compute_seconds=seconds,
     )
-
-
-def _parse(frames: list[bytes]) -> step_pb2.SchedulerMessage | None:
-    """The message in the last frame (a ROUTER may put an empty delimiter before it)."""
-    msg = step_pb2.SchedulerMessage()
-    try:
-        msg.ParseFromString(frames[-1])
-    except DecodeError as exc:
-        log.warning("dropping an undecodable message from the scheduler: %s", exc)
-        return None
-    return msg

@@ -19,7 +19,8 @@ from pagoda.v1 import step_pb2
 from tests.worker_svc.scripted_scheduler import REPO, ScriptedScheduler
 from worker_svc import server
 from worker_svc import service as worker_service
-from worker_svc.service import ModelInfo, WorkerService, WorkerSettings, endpoint
+from worker_svc.service import WorkerService
+from worker_svc.settings import ModelInfo, WorkerSettings, endpoint
 
 StepError = step_pb2.StepError
 
