@@ -19,8 +19,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pagoda.announcements import SCHEDULER_LISTENING
+
 BANNER = re.compile(r"gRPC:\s+(\S+)")
-SCHEDULER = re.compile(r"scheduler listening grpc=(\S+)")
+SCHEDULER = SCHEDULER_LISTENING.pattern
 
 
 class ServeStack:

@@ -31,6 +31,7 @@ from gateway.core import Gateway
 from gateway.grpc_api import Health, add_services
 from gateway.openai_api import HttpSettings, build_app
 from gateway.session import SessionClient
+from pagoda.announcements import GATEWAY_LISTENING
 from pagoda.flags import Flag, add_flags, host_and_pid
 from pagoda.model_card.card import ModelCard
 from pagoda.model_card.errors import ModelCardError
@@ -255,10 +256,11 @@ async def _serve(settings: Settings) -> int:
     if http_task.done():
         log.error("the HTTP server did not start")
         return 2
-    # Exactly this line, unadorned, as the scheduler prints its own: launchers parse it.
+    # The line launchers parse (pagoda.announcements), unadorned.
     http_address = _address(settings.host, sock.getsockname()[1])
     grpc_address = _address(settings.host, grpc_port)
-    print(f"gateway listening http={http_address} grpc={grpc_address}", file=sys.stderr, flush=True)
+    line = GATEWAY_LISTENING.line(http=http_address, grpc=grpc_address)
+    print(line, file=sys.stderr, flush=True)
     await _until_signalled(http_task)
     await _drain(core, health, settings.drain_grace_s)
     session.close()

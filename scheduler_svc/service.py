@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagoda.announcements import SCHEDULER_KV_EVENTS, SCHEDULER_LISTENING
 from pagoda.model_card.card import ModelCard
 from pagoda.probes import ProbeServer
 from pagoda.v1 import session_pb2, session_pb2_grpc
@@ -70,17 +71,18 @@ class Addresses:
     kv_snapshot_port: int | None = None
 
     def listening_line(self) -> str:
-        """The one line tools parse to find the scheduler; keep its format."""
+        """The line launchers parse to find the scheduler (pagoda.announcements)."""
         h = self.host
-        line = (
-            f"scheduler listening grpc={host_port(h, self.grpc_port)} "
-            f"step={host_port(h, self.step_port)} http={host_port(h, self.http_port)}"
+        line = SCHEDULER_LISTENING.line(
+            grpc=host_port(h, self.grpc_port),
+            step=host_port(h, self.step_port),
+            http=host_port(h, self.http_port),
         )
         if self.kv_events_port is not None and self.kv_snapshot_port is not None:
             # Appended only, so parsers of the three ports above still match.
-            line += (
-                f" kv_events={host_port(h, self.kv_events_port)}"
-                f" kv_snapshot={host_port(h, self.kv_snapshot_port)}"
+            line += " " + SCHEDULER_KV_EVENTS.line(
+                kv_events=host_port(h, self.kv_events_port),
+                kv_snapshot=host_port(h, self.kv_snapshot_port),
             )
         return line
 

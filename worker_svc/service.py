@@ -34,6 +34,7 @@ from typing import Protocol
 
 import zmq
 
+from pagoda.announcements import WORKER_REGISTERED
 from pagoda.probes import ProbeServer
 from pagoda.v1 import PROTOCOL_VERSION, step_pb2
 from worker_svc.connection import POLL_S, Connection, dropped, parse
@@ -294,10 +295,11 @@ class WorkerService:
         self.metrics.registered.set(1)
         self.metrics.running_sequences.set(0)
         host, port = s.http_host, self._probes.port if self._probes else s.http_port
-        log.info(
-            "worker %s registered replica=%d epoch=%d http=%s:%d",
-            s.worker_id, welcome.replica_id, welcome.epoch, host, port,
+        line = WORKER_REGISTERED.line(
+            worker_id=s.worker_id, replica=welcome.replica_id, epoch=welcome.epoch,
+            http=f"{host}:{port}",
         )  # fmt: skip
+        log.info("%s", line)
 
     def _refused(self, refusal: step_pb2.Refusal) -> int | None:
         s = self.settings

@@ -29,11 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pagoda.announcements import GATEWAY_LISTENING, SCHEDULER_LISTENING, WORKER_REGISTERED
 from pagoda.flags import Flag, add_flags, to_argv
-
-SCHEDULER_LINE = re.compile(r"scheduler listening grpc=(\S+) step=(\S+) http=(\S+)")
-WORKER_LINE = re.compile(r"worker (\S+) registered replica=(\d+)")
-GATEWAY_LINE = re.compile(r"gateway listening http=(\S+) grpc=(\S+)")
 
 STOP_GRACE_S = 30.0
 START_TIMEOUT_S = 600.0
@@ -232,21 +229,25 @@ def _start_all(stack: Stack, args: argparse.Namespace, weights: Path, card: Path
     env["PAGODA_LOCAL_WORKERS"] = str(args.workers)
     sched_argv = ["scheduler", "--model", str(card), "--grpc-port", "0", "--step-port", "0",
                   "--http-port", "0", *forwarded("scheduler", args)]  # fmt: skip
-    scheduler = stack.start("scheduler", sched_argv, {"listening": SCHEDULER_LINE}, env)
+    scheduler = stack.start(
+        "scheduler", sched_argv, {"listening": SCHEDULER_LISTENING.pattern}, env
+    )
     grpc_addr, step_addr, _ = scheduler.wait_for("listening", START_TIMEOUT_S).groups()
     workers = []
     for i in range(args.workers):
         argv = ["worker", "--scheduler", step_addr, "--model", str(weights),
                 "--worker-id", f"worker-{i}", "--http-port", "0",
                 *forwarded("worker", args)]  # fmt: skip
-        workers.append(stack.start(f"worker-{i}", argv, {"registered": WORKER_LINE}, env))
+        workers.append(
+            stack.start(f"worker-{i}", argv, {"registered": WORKER_REGISTERED.pattern}, env)
+        )
     gw_argv = ["gateway", "--model", str(card), "--scheduler", grpc_addr,
                *forwarded("gateway", args)]  # fmt: skip
     gateway_env = dict(env)
     gateway_env.pop("PAGODA_SHARED_SECRET")  # the gateway has no use for it
     if args.api_key:  # by environment, so it shows in no process listing
         gateway_env["PAGODA_API_KEY"] = args.api_key
-    gateway = stack.start("gateway", gw_argv, {"listening": GATEWAY_LINE}, gateway_env)
+    gateway = stack.start("gateway", gw_argv, {"listening": GATEWAY_LISTENING.pattern}, gateway_env)
     args.http_url, args.grpc_url = gateway.wait_for("listening", START_TIMEOUT_S).groups()
     for worker in workers:
         worker.wait_for("registered", START_TIMEOUT_S)

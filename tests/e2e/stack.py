@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from pagoda.announcements import GATEWAY_LISTENING, SCHEDULER_LISTENING
 from tests.worker_svc.hf_oracle import VOCAB_SIZE, build_model, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,7 +99,7 @@ class Process:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for(self, pattern: str, timeout: float = 180.0) -> re.Match:
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 180.0) -> re.Match:
         """The first log line matching ``pattern``; fails if the process exits first."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -184,7 +185,7 @@ class Scheduler(Process):
         argv = ["scheduler", "--model", str(card), "--grpc-port", str(grpc_port),
                 "--step-port", "0", "--http-port", "0", *(extra or [])]  # fmt: skip
         super().__init__(argv, env, name="scheduler", launcher=launcher)
-        match = self.wait_for(r"scheduler listening grpc=(\S+) step=(\S+) http=(\S+)")
+        match = self.wait_for(SCHEDULER_LISTENING.pattern)
         self.grpc_addr, self.step_addr, self.http_addr = match.groups()
 
     def stats(self):
@@ -216,7 +217,7 @@ class Gateway(Process):
         argv = ["gateway", "--model", str(card), "--scheduler", scheduler_addr, "--port", "0",
                 "--grpc-port", "0", *(extra or [])]  # fmt: skip
         super().__init__(argv, env, name="gateway", launcher=launcher)
-        http, grpc_addr = self.wait_for(r"gateway listening http=(\S+) grpc=(\S+)").groups()
+        http, grpc_addr = self.wait_for(GATEWAY_LISTENING.pattern).groups()
         self.base_url = f"http://{http}"
         self.grpc_addr = grpc_addr
         if ready:

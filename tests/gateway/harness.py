@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,8 +13,10 @@ from pathlib import Path
 
 import httpx
 
+from pagoda.announcements import GATEWAY_LISTENING
+
 REPO = Path(__file__).resolve().parents[2]
-LISTENING = re.compile(r"gateway listening http=(\S+) grpc=(\S+)")
+LISTENING = GATEWAY_LISTENING.pattern
 
 
 @dataclass
