@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# The token budget of one step when none is given, offline and served alike: vLLM V1's
+# default for an API server. A step always has room for one token of every sequence.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+def default_max_num_batched_tokens(max_num_seqs: int) -> int:
+    return max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_num_seqs)
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -16,7 +24,7 @@ class SchedulerConfig:
 
     max_model_len: int
     block_size: int = 16
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     max_num_seqs: int = 256
     eos_token_ids: tuple[int, ...] = ()
     # When known (from the model card), prompts with larger token ids are refused.

@@ -19,14 +19,17 @@ import zmq
 from pagoda.flags import Flag, add_flags
 from pagoda.model_card.card import ModelCard
 from pagoda.secrets import read_secret
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    SchedulerConfig,
+    default_max_num_batched_tokens,
+)
 from scheduler_svc.service import SchedulerService
 from scheduler_svc.settings import ServiceSettings
 
 log = logging.getLogger("scheduler_svc")
 
 # vLLM V1's default token budget for an API server; never below max_num_seqs.
-DEFAULT_BATCHED_TOKENS = 2048
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 MODEL = Flag(
@@ -94,8 +97,8 @@ SCHEDULING = (
     Flag(
         "--max-num-batched-tokens",
         type=int,
-        help=f"token budget of one step; unset: max({DEFAULT_BATCHED_TOKENS}, --max-num-seqs), "
-        "as vLLM's API server",
+        help=f"token budget of one step; unset: max({DEFAULT_MAX_NUM_BATCHED_TOKENS}, "
+        "--max-num-seqs), as vLLM's API server",
     ),
     Flag(
         "--policy",
@@ -206,7 +209,7 @@ def build(args: argparse.Namespace) -> tuple[ModelCard, SchedulerConfig, Service
         raise ValueError(
             f"--max-model-len {max_len} exceeds the model's maximum of {card.max_model_len}"
         )
-    batched = args.max_num_batched_tokens or max(DEFAULT_BATCHED_TOKENS, args.max_num_seqs)
+    batched = args.max_num_batched_tokens or default_max_num_batched_tokens(args.max_num_seqs)
     config = SchedulerConfig(
         max_model_len=max_len,
         block_size=args.block_size,

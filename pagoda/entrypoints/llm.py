@@ -25,7 +25,7 @@ from pagoda.sampling_params import SamplingParams
 from pagoda.text import Tokenizer
 from pagoda.text.request_state import Failure, RequestState, apply_step
 from pagoda.v1 import common_pb2, session_pb2
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import SchedulerConfig, default_max_num_batched_tokens
 from scheduler_svc.scheduler import Scheduler
 from worker_svc.model_runner import ModelRunner
 
@@ -81,7 +81,7 @@ class LLM:
                 "max_model_len"
             )
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(4096, max_num_seqs)
+            max_num_batched_tokens = default_max_num_batched_tokens(max_num_seqs)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_model_len=max_len,
