@@ -193,7 +193,7 @@ def test_the_command_is_a_real_pagoda_subcommand(file, target, monkeypatch):
     role = role_of(img)
     assert role == TARGETS[file][target]
     args = parse_under(img, img.cmd.argv, monkeypatch)
-    assert args.func.__module__ == cli.SERVICES[role][0]
+    assert args.func.__module__ == cli.SERVICES[role][0]().__name__
     host_flag, _, port_flags = ROLES[role]
     assert getattr(args, host_flag) == "0.0.0.0", f"{target} must listen beyond loopback"
     listening = {int(getattr(args, flag)) for flag in port_flags}
