@@ -97,28 +97,27 @@ def test_transformers_hub_kernels_and_pagoda_kernels_import_side_by_side(where, 
 
 def closure(root: str, extras: tuple[str, ...]) -> dict[str, str]:
     """Every distribution that installing ``root[extras]`` brings in here, with its
-    installed version (the requirements of each, markers evaluated, walked to the end)."""
-    seen: dict[str, str] = {}
-    todo = [(root, extras)]
+    installed version (the requirements of each, markers evaluated, walked to the end;
+    each distribution with each set of extras once, so cycles end)."""
+    versions: dict[str, str] = {}
+    visited: set[tuple[str, frozenset[str]]] = set()
+    todo = [(root, frozenset(extras))]
     while todo:
         name, wanted = todo.pop()
-        dist = importlib.metadata.distribution(name)
-        for text in dist.requires or []:
+        if (canonicalize_name(name), wanted) in visited:
+            continue
+        visited.add((canonicalize_name(name), wanted))
+        for text in importlib.metadata.distribution(name).requires or []:
             req = Requirement(text)
             if req.marker is not None and not any(
                 req.marker.evaluate({"extra": extra}) for extra in (*wanted, "")
             ):
                 continue
             key = canonicalize_name(req.name)
-            if key == canonicalize_name(root):  # pagoda[all] names pagoda[worker,dev]
-                todo.append((root, tuple(req.extras)))
-                continue
-            if key not in seen:
-                seen[key] = importlib.metadata.version(req.name)
-                todo.append((req.name, tuple(req.extras)))
-            elif req.extras:
-                todo.append((req.name, tuple(req.extras)))
-    return seen
+            if key != canonicalize_name(root):  # pagoda[all] names pagoda[worker,dev]
+                versions.setdefault(key, importlib.metadata.version(req.name))
+            todo.append((req.name, frozenset(req.extras)))
+    return versions
 
 
 def test_the_environment_holds_the_locked_versions():
