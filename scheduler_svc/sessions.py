@@ -175,7 +175,7 @@ class SessionHub(session_pb2_grpc.SchedulerServicer):
             protocol_version=PROTOCOL_VERSION, session_id=session_id, model=self._model
         )
         session.queue.put_nowait(Update(opened=opened))
-        if self.load is not None:
+        if self.load is not None and not session.queue.full():  # a queue of 1 holds `opened`
             session.queue.put_nowait(Update(load=self.load))
         log.info("session %s opened by gateway %r", session_id, session.gateway_id)
         return session

@@ -32,7 +32,7 @@ from worker_svc.sampling import Sampler, prompt_logprobs
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
 # Prompt length of the warm-up's dummy prefill (fewer when the model or the cache is
 # smaller): enough to run every code path of a step, short enough to cost little on a CPU.
-WARM_UP_TOKENS = 32
+WARM_UP_TOKENS = 16
 
 StepError = step_pb2.StepError
 

@@ -105,7 +105,7 @@ def test_warm_up_leaves_the_state_and_the_answers_as_they_were(tmp_path):
         ModelRunner(path, dtype="float32", num_kv_blocks=16, block_size=4, show_progress=False)
         for _ in range(2)
     )
-    assert warm.warm_up() == 32
+    assert warm.warm_up() == 16
     assert (warm.seqs, warm.replica_id, warm.epoch, warm.last_step) == ({}, 0, 0, 0)
     tokens = []
     for runner in (cold, warm):
