@@ -25,7 +25,7 @@ from pagoda.announcements import GATEWAY_LISTENING
 from tests.e2e.stack import Process, pagoda_processes, slow_model
 
 HELD_WORKER = Path(__file__).parent / "held_worker"
-MAX_TOKENS = 400
+MAX_TOKENS = 1000
 MODEL_NAME = 'model_name="slow-llama"'
 
 
@@ -58,7 +58,7 @@ def test_serve_is_ready_once_its_worker_can_step_and_shows_the_schedulers_load(m
     path = os.pathsep.join(p for p in (str(HELD_WORKER), os.environ.get("PYTHONPATH")) if p)
     serve = Process(
         ["serve", "--workers", "1", "--port", "0", "--grpc-port", "0", "--model", str(model),
-         "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", "64MiB"],
+         "--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory", "64MiB"],
         env={"PYTHONPATH": path, "HOLD_WORKER_UNTIL": str(release)}, name="pagoda serve",
     )  # fmt: skip
     try:
