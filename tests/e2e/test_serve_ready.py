@@ -25,7 +25,7 @@ from pagoda.announcements import GATEWAY_LISTENING
 from tests.e2e.stack import Process, pagoda_processes, slow_model
 
 HELD_WORKER = Path(__file__).parent / "held_worker"
-MAX_TOKENS = 1000
+MAX_TOKENS = 600
 MODEL_NAME = 'model_name="slow-llama"'
 
 
