@@ -61,17 +61,20 @@ class Gateway:
         served_model_name: str,
         session: SessionClient | None = None,
         request_timeout_s: float | None = None,
+        min_ready_replicas: int = 0,
     ) -> None:
         self.card = card
         self.tokenizer = tokenizer
         self.model_name = served_model_name
         self.metrics = Metrics(served_model_name)
         self.table = RequestTable(self.metrics)
-        self.metrics.track_running(lambda: len(self.table))
+        self.metrics.track_in_flight(lambda: len(self.table))
         self.session: SessionClient | None = session
         self.draining = False
         # Applies to requests that name no deadline of their own (--request-timeout).
         self.request_timeout_s = request_timeout_s
+        # /ready waits until the scheduler reports this many live replicas (0: never waits).
+        self.min_ready_replicas = min_ready_replicas
         self.started = int(time.time())
         self._token_texts: dict[int, str] = {}
 
@@ -89,6 +92,10 @@ class Gateway:
             self.table.attach(None)
             self.table.fail_all(errors.session_lost())
 
+    def on_load(self, load: session_pb2.SchedulerLoad | None) -> None:
+        """The scheduler's load changed (None: the session ended)."""
+        self.metrics.scheduler_load(load)
+
     def on_engine_state(self, serving: bool) -> None:
         """The scheduler's gRPC health changed: NOT_SERVING means a stalled engine."""
         self.metrics.engine_stalled.set(0 if serving else 1)
@@ -103,9 +110,29 @@ class Gateway:
         then: an unready gateway gets no traffic, so it could not tell clients why."""
         return self.session is None or self.session.engine_serving
 
+    @property
+    def live_replicas(self) -> int:
+        """Replicas taking new work, as the scheduler last said; 0 without a session."""
+        load = self.session.load if self.session is not None else None
+        return load.num_live_replicas if load is not None else 0
+
     def ready(self) -> bool:
-        """Takes requests: a session is open and the gateway is not draining."""
-        return self.connected and not self.draining
+        """Takes requests: a session is open, the gateway is not draining, and the
+        scheduler has ``min_ready_replicas`` live replicas (``pagoda serve`` sets it to
+        its worker count; a pod's default 0 leaves a gateway without workers ready, so
+        workers can scale to zero while requests wait in the queue)."""
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why the gateway is not ready, or None when it is."""
+        if self.draining:
+            return "draining"
+        if not self.connected:
+            return "no session to the scheduler"
+        live, wanted = self.live_replicas, self.min_ready_replicas
+        if live < wanted:
+            return f"{live} of {wanted} worker replicas are live"
+        return None
 
     def _send(self, message: session_pb2.GatewayMessage) -> None:
         if self.session is None:

@@ -4,6 +4,14 @@ Inference gateways and dashboards built for vLLM read ``vllm:*`` series, so requ
 outcomes, token counts and latencies use vLLM's names, label (``model_name``) and
 histogram buckets; what only pagoda has is ``pagoda_gateway_*``. Each gateway object
 owns its registry, so several can live in one process (tests).
+
+The queue, the running sequences and the KV usage (``vllm:num_requests_waiting``,
+``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``) are the scheduler's
+global figures, which it sends down the session (``SchedulerLoad``): an endpoint
+picker that scrapes the gateways, as the Gateway API Inference Extension does, reads
+them where it would read a vLLM server's. Every gateway shows the same figures, so
+dashboards take their ``max``, never their ``sum``. The gateway's own requests in
+flight are ``pagoda_gateway_requests_in_flight``.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+
+from pagoda.v1 import session_pb2
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py).
 _TTFT_BUCKETS = (
@@ -98,12 +108,36 @@ class Metrics:
             buckets=_E2E_BUCKETS,
             registry=reg,
         )
-        self.running = Gauge(
-            "vllm:num_requests_running",
+        self.in_flight = Gauge(
+            "pagoda_gateway_requests_in_flight",
             "Requests in flight through this gateway (queued or running at the scheduler).",
+            registry=reg,
+        )
+        self._waiting = Gauge(
+            "vllm:num_requests_waiting",
+            "Sequences waiting in the scheduler's global queue (the scheduler's figure, "
+            "0 without a session).",
             ["model_name"],
             registry=reg,
         )
+        self._running = Gauge(
+            "vllm:num_requests_running",
+            "Sequences running on some replica (the scheduler's figure, 0 without a session).",
+            ["model_name"],
+            registry=reg,
+        )
+        self._kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage over all replicas, 0..1 (the scheduler's figure, 0 without a session).",
+            ["model_name"],
+            registry=reg,
+        )
+        self._live_replicas = Gauge(
+            "pagoda_gateway_scheduler_live_replicas",
+            "Replicas taking new work, as the scheduler last said (0 without a session).",
+            registry=reg,
+        )
+        self.scheduler_load(None)
         self.session_up = Gauge(
             "pagoda_gateway_session_up",
             "1 while the session to the scheduler is open.",
@@ -132,9 +166,18 @@ class Metrics:
             registry=reg,
         )
 
-    def track_running(self, count: Callable[[], float]) -> None:
+    def track_in_flight(self, count: Callable[[], float]) -> None:
         """Read the number of requests in flight at scrape time."""
-        self.running.labels(self._model).set_function(count)
+        self.in_flight.set_function(count)
+
+    def scheduler_load(self, load: session_pb2.SchedulerLoad | None) -> None:
+        """Show the scheduler's latest load; None (no session) shows zeros."""
+        load = load or session_pb2.SchedulerLoad()
+        model = self._model
+        self._waiting.labels(model).set(load.num_waiting)
+        self._running.labels(model).set(load.num_running)
+        self._kv_usage.labels(model).set(load.kv_cache_usage)
+        self._live_replicas.set(load.num_live_replicas)
 
     def request_finished(self, request: FinishedRequest) -> None:
         model = self._model

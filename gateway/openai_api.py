@@ -147,9 +147,9 @@ def _add_probe_routes(app: FastAPI, core: Gateway) -> None:
 
     @app.get("/ready")
     async def ready() -> Response:
-        if core.ready():
+        why = core.not_ready_reason()
+        if why is None:
             return PlainTextResponse("ready\n")
-        why = "draining" if core.draining else "no session to the scheduler"
         return PlainTextResponse(f"not ready: {why}\n", status_code=503)
 
     @app.get("/metrics")

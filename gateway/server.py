@@ -37,6 +37,7 @@ from pagoda.model_card.card import ModelCard
 from pagoda.model_card.errors import ModelCardError
 from pagoda.secrets import read_secret
 from pagoda.text import Tokenizer
+from pagoda.v1 import session_pb2
 
 log = logging.getLogger("gateway")
 
@@ -118,6 +119,16 @@ FLAGS = (
         "(0: none)",
     ),
     Flag(
+        "--min-ready-replicas",
+        type=int,
+        default=0,
+        env="PAGODA_MIN_READY_REPLICAS",
+        metavar="N",
+        help="/ready answers 503 until the scheduler reports at least N live worker replicas "
+        "(`pagoda serve` passes its --workers); 0: ready with or without workers, so workers "
+        "can scale to zero while requests wait in the queue",
+    ),
+    Flag(
         "--log-level",
         default="info",
         env="PAGODA_LOG_LEVEL",
@@ -148,6 +159,7 @@ class Settings:
     gateway_id: str
     drain_grace_s: float
     request_timeout_s: float | None = None
+    min_ready_replicas: int = 0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -161,6 +173,8 @@ class Settings:
             raise ValueError("--max-body-bytes must be positive")
         if not (math.isfinite(args.request_timeout) and args.request_timeout >= 0):
             raise ValueError("--request-timeout must be a finite number of seconds, 0 for none")
+        if args.min_ready_replicas < 0:
+            raise ValueError("--min-ready-replicas must be 0 or more")
         return cls(
             card=card,
             tokenizer=tokenizer,
@@ -174,6 +188,7 @@ class Settings:
             gateway_id=args.gateway_id,
             drain_grace_s=max(0.0, args.drain_grace),
             request_timeout_s=args.request_timeout or None,
+            min_ready_replicas=args.min_ready_replicas,
         )
 
 
@@ -206,15 +221,28 @@ async def _serve(settings: Settings) -> int:
         settings.tokenizer,
         settings.served_model_name,
         request_timeout_s=settings.request_timeout_s,
+        min_ready_replicas=settings.min_ready_replicas,
     )
     health = Health()
     background: set[asyncio.Task[None]] = set()
+    shown = [False]  # the readiness gRPC health last showed
+
+    def show_readiness() -> None:
+        ready = core.ready()
+        if ready == shown[0]:
+            return
+        shown[0] = ready
+        task = asyncio.get_running_loop().create_task(health.update(ready))
+        background.add(task)
+        task.add_done_callback(background.discard)
 
     def on_state(up: bool) -> None:
         core.on_session_state(up)
-        task = asyncio.get_running_loop().create_task(health.update(core.ready()))
-        background.add(task)
-        task.add_done_callback(background.discard)
+        show_readiness()
+
+    def on_load(load: session_pb2.SchedulerLoad | None) -> None:
+        core.on_load(load)
+        show_readiness()
 
     session = SessionClient(
         settings.scheduler,
@@ -222,6 +250,7 @@ async def _serve(settings: Settings) -> int:
         on_update=core.table.on_update,
         on_state=on_state,
         on_engine=core.on_engine_state,
+        on_load=on_load,
         expected_identity=settings.card.identity,
     )
     core.attach_session(session)

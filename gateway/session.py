@@ -15,6 +15,10 @@ the scheduler says NOT_SERVING when its engine has work and completes no step (o
 is shutting down), and the gateway then answers new requests 503 at once instead of
 queueing them behind a stall. A scheduler without the health service counts as serving.
 
+The scheduler also sends its load (``SchedulerLoad``: queue, running sequences, KV
+usage, live replicas) after ``opened`` and whenever it changes. The client keeps the
+latest in ``load`` and hands it to ``on_load``; it is None while no session is open.
+
 The channel uses keepalive pings, so a half-open connection (a scheduler host that
 vanished without closing its sockets) is noticed within about 15 s. The scheduler's
 server must accept pings that often (``grpc.http2.min_ping_interval_without_data_ms``
@@ -88,6 +92,7 @@ class SessionClient:
         on_update: Callable[[session_pb2.SchedulerUpdate], None],
         on_state: Callable[[bool], None],
         on_engine: Callable[[bool], None] | None = None,
+        on_load: Callable[[session_pb2.SchedulerLoad | None], None] | None = None,
         expected_identity: str = "",
         backoff: Backoff = Backoff(),
         open_timeout_s: float = 10.0,
@@ -97,6 +102,7 @@ class SessionClient:
         self._on_update = on_update
         self._on_state = on_state
         self._on_engine = on_engine
+        self._on_load = on_load
         self._expected_identity = expected_identity
         self._backoff = backoff
         self._open_timeout_s = open_timeout_s
@@ -108,6 +114,8 @@ class SessionClient:
         self.session_id = ""
         # False while the scheduler's health says NOT_SERVING (a stalled engine).
         self.engine_serving = True
+        # The scheduler's latest load on the open session; None while none is open.
+        self.load: session_pb2.SchedulerLoad | None = None
 
     @property
     def connected(self) -> bool:
@@ -193,6 +201,7 @@ class SessionClient:
             outbox.put_nowait(None)
             call.cancel()
             self._set_engine(True, quiet=True)  # no session: 503 for that reason instead
+            self._set_load(None)
             if self._opened:
                 self._on_state(False)
             with contextlib.suppress(Exception):
@@ -236,9 +245,19 @@ class SessionClient:
             if update is grpc.aio.EOF:
                 return
             try:
-                self._on_update(update)
+                if update.WhichOneof("kind") == "load":
+                    self._set_load(update.load)
+                else:
+                    self._on_update(update)
             except Exception:  # one bad update must not take the session down
                 log.exception("could not apply an update from the scheduler")
+
+    def _set_load(self, load: session_pb2.SchedulerLoad | None) -> None:
+        if load is None and self.load is None:
+            return
+        self.load = load
+        if self._on_load is not None:
+            self._on_load(load)
 
     def _accept(self, first: object) -> None:
         if first is grpc.aio.EOF or not isinstance(first, session_pb2.SchedulerUpdate):

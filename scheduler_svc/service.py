@@ -31,6 +31,7 @@ from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.kv_events import KvEventPublisher
 from scheduler_svc.metrics import SchedulerMetrics, Snapshot
 from scheduler_svc.registration import Expected
+from scheduler_svc.replicas import ACTIVE
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sessions import SessionHub
 from scheduler_svc.settings import ServiceSettings, host_port
@@ -42,6 +43,8 @@ SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 # The loop ticks this often; /health fails once the last tick is HEALTH_STALE_S old.
 TICK_S = 0.25
 HEALTH_STALE_S = 5.0
+# Gateways learn the scheduler's load (SchedulerLoad) at most this often, from the tick.
+LOAD_INTERVAL_S = 0.5
 # How long a scrape waits for the loop to take a fresh snapshot before serving the last one.
 SCRAPE_WAIT_S = 2.0
 # Internal channels: ping an idle connection so a half-open one is noticed, and let
@@ -120,6 +123,7 @@ class SchedulerService:
         self._serving = False
         self._tick = time.monotonic()
         self._progress_at = self._tick
+        self._load_at = 0.0
         self._server: grpc.aio.Server | None = None
         self._probes: ProbeServer | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -159,6 +163,7 @@ class SchedulerService:
         if self.kv_events is not None:
             self.kv_events.start()
         self._ticker = asyncio.create_task(self._tick_loop(), name="tick")
+        self.sessions.publish_load(self.load())  # what the first session is told
         self.refresh_metrics()
         self._probes.start()
         self._serving = True
@@ -236,6 +241,23 @@ class SchedulerService:
         """Readiness: accepting sessions and not draining (never about workers)."""
         return self._serving and not self.draining
 
+    def load(self) -> session_pb2.SchedulerLoad:
+        """The figures every gateway shows under vLLM's names: cheap enough for each tick
+        (a sum over the replicas), and never computed in the step loop."""
+        core = self.core
+        blocks = used = 0
+        for replica_id in core.replica_ids:
+            pool = core.replica(replica_id).blocks
+            blocks += pool.num_blocks
+            used += pool.num_blocks - pool.num_free_blocks
+        live = sum(1 for h in self.workers.table.live.values() if h.state == ACTIVE)
+        return session_pb2.SchedulerLoad(
+            num_waiting=core.num_waiting,
+            num_running=core.num_running,
+            kv_cache_usage=used / blocks if blocks else 0.0,
+            num_live_replicas=live,
+        )
+
     def refresh_metrics(self) -> None:
         self.metrics.snapshot = Snapshot(self.stats(), self.stalled)
 
@@ -257,6 +279,9 @@ class SchedulerService:
             await asyncio.sleep(TICK_S)
             now = self._tick = time.monotonic()
             self._expire()
+            if now - self._load_at >= LOAD_INTERVAL_S:
+                self._load_at = now
+                self.sessions.publish_load(self.load())
             stalled = self._judge_stall(now)
             if stalled != self.stalled:
                 self.stalled = stalled

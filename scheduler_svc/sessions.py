@@ -70,6 +70,8 @@ class SessionHub(session_pb2_grpc.SchedulerServicer):
         self._queue_size = queue_size
         self.sessions: dict[str, GatewaySession] = {}
         self.accepting = True
+        # The latest load sent to every session; a new session gets it after `opened`.
+        self.load: session_pb2.SchedulerLoad | None = None
         self._ids = itertools.count(1)
         self._nonce = secrets.token_hex(3)
 
@@ -104,6 +106,15 @@ class SessionHub(session_pb2_grpc.SchedulerServicer):
             session = sessions.get(owner)
             if session is not None:
                 self._push(session, Update(outputs=out))
+
+    def publish_load(self, load: session_pb2.SchedulerLoad) -> None:
+        """Send ``load`` to every session, unless it is the one they have already."""
+        if load == self.load:
+            return
+        self.load = load
+        update = Update(load=load)
+        for session in list(self.sessions.values()):
+            self._push(session, update)
 
     def close(self, session: GatewaySession, status: Status | None, flush: bool = False) -> None:
         """End a session: abort its requests and stop its stream (with ``status`` if not
@@ -164,6 +175,8 @@ class SessionHub(session_pb2_grpc.SchedulerServicer):
             protocol_version=PROTOCOL_VERSION, session_id=session_id, model=self._model
         )
         session.queue.put_nowait(Update(opened=opened))
+        if self.load is not None and not session.queue.full():  # a queue of 1 holds `opened`
+            session.queue.put_nowait(Update(load=self.load))
         log.info("session %s opened by gateway %r", session_id, session.gateway_id)
         return session
 

@@ -30,6 +30,9 @@ from worker_svc.memory import keep_freed_memory
 from worker_svc.sampling import Sampler, prompt_logprobs
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
+# Prompt length of the warm-up's dummy prefill (fewer when the model or the cache is
+# smaller): enough to run every code path of a step, short enough to cost little on a CPU.
+WARM_UP_TOKENS = 16
 
 StepError = step_pb2.StepError
 
@@ -131,6 +134,40 @@ class ModelRunner:
             )
         width = -(-self.max_model_len // self.block_size)
         return DecodeGraphs(self._forward, self.device, width, max_batch)
+
+    # -- warm-up -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def warm_up(self) -> int:
+        """Run one dummy prefill and one decode through the whole step (forward, logits,
+        sampler), so the first real step pays none of the costs of a first call: kernel
+        compilation and autotuning on a GPU, a CUDA graph's capture, oneDNN's primitives,
+        the allocator's growth. Returns the prompt length it used.
+
+        The dummy sequence writes KV slots of its own blocks only, and a sequence given
+        those blocks later writes each slot before it reads it. The runner's state
+        (sequences, replica, step) is left as it was.
+        """
+        capacity = self.num_kv_blocks * self.block_size
+        num_tokens = max(1, min(WARM_UP_TOKENS, self.max_model_len - 1, capacity - 1))
+        state = SequenceState(
+            seq=0,
+            token_ids=[i % self.vocab_size for i in range(num_tokens)],
+            num_prompt_tokens=num_tokens,
+            params=SamplingParams(max_tokens=2),
+            seed=0,
+            sample_index=0,
+            block_table=list(
+                range(min(self.num_kv_blocks, -(-(num_tokens + 1) // self.block_size)))
+            ),
+            num_computed=0,
+        )
+        self._run([(state, num_tokens)], step_pb2.StepResult())
+        if num_tokens + 1 <= min(capacity, self.max_model_len):
+            self._run([(state, 1)], step_pb2.StepResult())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return num_tokens
 
     # -- protocol --------------------------------------------------------------------
 

@@ -11,6 +11,11 @@ concerns state (stale epochs, step gaps, unknown sequences). This shell only mov
   silent scheduler is noticed even while a long step holds the main thread;
 - a probe server answers ``/health``, ``/ready`` and ``/metrics`` from its own thread.
 
+Before its first Hello the shell warms the runner up (one dummy prefill and decode,
+``ModelRunner.warm_up``) and logs how long that took: a replica that registers can take
+a step at once, so the first request after the gateways say ready never waits for a
+kernel compilation or a first-call allocation.
+
 The worker registers again (a new Hello) whenever the scheduler may have forgotten it:
 after a Reset, when heartbeat answers stop for the timeout, and when the main
 connection drops (a restarted scheduler may well answer heartbeats, so silence alone
@@ -68,6 +73,8 @@ class Runner(Protocol):
 
     def reset(self, replica_id: int, epoch: int) -> None: ...
 
+    def warm_up(self) -> int: ...
+
 
 class WorkerService:
     """One worker process's transport around a runner; ``serve`` blocks until it ends.
@@ -121,6 +128,7 @@ class WorkerService:
         """Register and run plans until stopped (0) or refused for good (1)."""
         s = self.settings
         self.metrics.kv_blocks.set(info.num_kv_blocks)
+        self._warm_up(runner)
         ctx = zmq.Context()
         address = endpoint(s.scheduler)
         conn = Connection(ctx, address, f"{s.worker_id}/main")
@@ -139,6 +147,17 @@ class WorkerService:
             conn.close(linger_ms=s.linger_ms)
             ctx.term()
             self.close()
+
+    def _warm_up(self, runner: Runner) -> None:
+        """Warm the runner up before the Hello, so a registered replica steps at once."""
+        worker_id = self.settings.worker_id
+        log.info("worker %s warming up", worker_id)
+        start = time.monotonic()
+        num_tokens = runner.warm_up()
+        log.info(
+            "worker %s warmed up in %.2fs (a prefill of %d tokens and a decode)",
+            worker_id, time.monotonic() - start, num_tokens,
+        )  # fmt: skip
 
     # -- probes --------------------------------------------------------------------------
 

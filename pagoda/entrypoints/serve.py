@@ -241,7 +241,10 @@ def _start_all(stack: Stack, args: argparse.Namespace, weights: Path, card: Path
         workers.append(
             stack.start(f"worker-{i}", argv, {"registered": WORKER_REGISTERED.pattern}, env)
         )
+    # The gateway's /ready waits for every worker: a request sent once it says ready
+    # never waits for a worker that is still loading.
     gw_argv = ["gateway", "--model", str(card), "--scheduler", grpc_addr,
+               "--min-ready-replicas", str(args.workers),
                *forwarded("gateway", args)]  # fmt: skip
     gateway_env = dict(env)
     gateway_env.pop("PAGODA_SHARED_SECRET")  # the gateway has no use for it

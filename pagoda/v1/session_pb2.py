@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagoda.v1 import common_pb2 as pagoda_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pagoda/v1/session.proto\x12\tpagoda.v1\x1a\x16pagoda/v1/common.proto\"\xb5\x01\n\x0eGatewayMessage\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.pagoda.v1.OpenSessionH\x00\x12#\n\x06submit\x18\x02 \x01(\x0b\x32\x11.pagoda.v1.SubmitH\x00\x12!\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x10.pagoda.v1.AbortH\x00\x12+\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x19.pagoda.v1.FinishSequenceH\x00\x42\x06\n\x04kind\"\x99\x01\n\x0fSchedulerUpdate\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.pagoda.v1.SessionOpenedH\x00\x12)\n\x07outputs\x18\x02 \x01(\x0b\x32\x16.pagoda.v1.StepOutputsH\x00\x12\'\n\x08rejected\x18\x03 \x01(\x0b\x32\x13.pagoda.v1.RejectedH\x00\x42\x06\n\x04kind\";\n\x0bOpenSession\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\ngateway_id\x18\x02 \x01(\t\"b\n\rSessionOpened\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x05model\x18\x03 \x01(\x0b\x32\x14.pagoda.v1.ModelInfo\"\xec\x01\n\x06Submit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pagoda.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x04\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0f\n\x07lora_id\x18\x07 \x01(\t\x12\x36\n\x11structured_output\x18\x08 \x01(\x0b\x32\x1b.pagoda.v1.StructuredOutput\"\x1b\n\x05\x41\x62ort\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\\\n\x0e\x46inishSequence\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\'\n\x06reason\x18\x03 \x01(\x0e\x32\x17.pagoda.v1.FinishReason\"\xb8\x01\n\x08Rejected\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06reason\x18\x02 \x01(\x0e\x32\x1a.pagoda.v1.Rejected.Reason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\r\"D\n\x06Reason\x12\x0f\n\x0bREASON_NONE\x10\x00\x12\x0b\n\x07INVALID\x10\x01\x12\x0e\n\nQUEUE_FULL\x10\x02\x12\x0c\n\x08\x44RAINING\x10\x03\"\xa1\x01\n\x0bStepOutputs\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pagoda.v1.DeltaLogprobs\x12-\n\x08\x66inished\x18\x05 \x03(\x0b\x32\x1b.pagoda.v1.SequenceFinished\"\x86\x01\n\rDeltaLogprobs\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12(\n\x06tokens\x18\x03 \x03(\x0b\x32\x18.pagoda.v1.TokenLogprobs\x12(\n\x06prompt\x18\x04 \x03(\x0b\x32\x18.pagoda.v1.TokenLogprobs\"\xe0\x01\n\x10SequenceFinished\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\'\n\x06reason\x18\x03 \x01(\x0e\x32\x17.pagoda.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x1c\n\x14num_generated_tokens\x18\x07 \x01(\rB\x10\n\x0e_stop_token_id\"\x0e\n\x0cStatsRequest\"\xce\x01\n\rStatsResponse\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x1a\n\x12num_waiting_tokens\x18\x03 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x04 \x01(\x01\x12)\n\x08replicas\x18\x05 \x03(\x0b\x32\x17.pagoda.v1.ReplicaStats\x12\x14\n\x0cnum_sessions\x18\x06 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\"\x9e\x02\n\x0cReplicaStats\x12\x12\n\nreplica_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.pagoda.v1.ReplicaStats.State\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x01\x12\x1d\n\x15prefix_cache_hit_rate\x18\x08 \x01(\x01\x12\r\n\x05steps\x18\t \x01(\x04\";\n\x05State\x12\x0e\n\nSTATE_NONE\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x08\n\x04\x44\x45\x41\x44\x10\x03\x32\x8d\x01\n\tScheduler\x12\x44\n\x07Session\x12\x19.pagoda.v1.GatewayMessage\x1a\x1a.pagoda.v1.SchedulerUpdate(\x01\x30\x01\x12:\n\x05Stats\x12\x17.pagoda.v1.StatsRequest\x1a\x18.pagoda.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pagoda/v1/session.proto\x12\tpagoda.v1\x1a\x16pagoda/v1/common.proto\"\xb5\x01\n\x0eGatewayMessage\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.pagoda.v1.OpenSessionH\x00\x12#\n\x06submit\x18\x02 \x01(\x0b\x32\x11.pagoda.v1.SubmitH\x00\x12!\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x10.pagoda.v1.AbortH\x00\x12+\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x19.pagoda.v1.FinishSequenceH\x00\x42\x06\n\x04kind\"\xc3\x01\n\x0fSchedulerUpdate\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.pagoda.v1.SessionOpenedH\x00\x12)\n\x07outputs\x18\x02 \x01(\x0b\x32\x16.pagoda.v1.StepOutputsH\x00\x12\'\n\x08rejected\x18\x03 \x01(\x0b\x32\x13.pagoda.v1.RejectedH\x00\x12(\n\x04load\x18\x04 \x01(\x0b\x32\x18.pagoda.v1.SchedulerLoadH\x00\x42\x06\n\x04kind\";\n\x0bOpenSession\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\ngateway_id\x18\x02 \x01(\t\"b\n\rSessionOpened\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x05model\x18\x03 \x01(\x0b\x32\x14.pagoda.v1.ModelInfo\"l\n\rSchedulerLoad\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x19\n\x11num_live_replicas\x18\x04 \x01(\r\"\xec\x01\n\x06Submit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pagoda.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x04\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0f\n\x07lora_id\x18\x07 \x01(\t\x12\x36\n\x11structured_output\x18\x08 \x01(\x0b\x32\x1b.pagoda.v1.StructuredOutput\"\x1b\n\x05\x41\x62ort\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\\\n\x0e\x46inishSequence\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\'\n\x06reason\x18\x03 \x01(\x0e\x32\x17.pagoda.v1.FinishReason\"\xb8\x01\n\x08Rejected\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06reason\x18\x02 \x01(\x0e\x32\x1a.pagoda.v1.Rejected.Reason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\r\"D\n\x06Reason\x12\x0f\n\x0bREASON_NONE\x10\x00\x12\x0b\n\x07INVALID\x10\x01\x12\x0e\n\nQUEUE_FULL\x10\x02\x12\x0c\n\x08\x44RAINING\x10\x03\"\xa1\x01\n\x0bStepOutputs\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pagoda.v1.DeltaLogprobs\x12-\n\x08\x66inished\x18\x05 \x03(\x0b\x32\x1b.pagoda.v1.SequenceFinished\"\x86\x01\n\rDeltaLogprobs\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12(\n\x06tokens\x18\x03 \x03(\x0b\x32\x18.pagoda.v1.TokenLogprobs\x12(\n\x06prompt\x18\x04 \x03(\x0b\x32\x18.pagoda.v1.TokenLogprobs\"\xe0\x01\n\x10SequenceFinished\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\'\n\x06reason\x18\x03 \x01(\x0e\x32\x17.pagoda.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x1c\n\x14num_generated_tokens\x18\x07 \x01(\rB\x10\n\x0e_stop_token_id\"\x0e\n\x0cStatsRequest\"\xce\x01\n\rStatsResponse\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x1a\n\x12num_waiting_tokens\x18\x03 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x04 \x01(\x01\x12)\n\x08replicas\x18\x05 \x03(\x0b\x32\x17.pagoda.v1.ReplicaStats\x12\x14\n\x0cnum_sessions\x18\x06 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\"\x9e\x02\n\x0cReplicaStats\x12\x12\n\nreplica_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.pagoda.v1.ReplicaStats.State\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x01\x12\x1d\n\x15prefix_cache_hit_rate\x18\x08 \x01(\x01\x12\r\n\x05steps\x18\t \x01(\x04\";\n\x05State\x12\x0e\n\nSTATE_NONE\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x08\n\x04\x44\x45\x41\x44\x10\x03\x32\x8d\x01\n\tScheduler\x12\x44\n\x07Session\x12\x19.pagoda.v1.GatewayMessage\x1a\x1a.pagoda.v1.SchedulerUpdate(\x01\x30\x01\x12:\n\x05Stats\x12\x17.pagoda.v1.StatsRequest\x1a\x18.pagoda.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,35 +35,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATEWAYMESSAGE']._serialized_start=63
   _globals['_GATEWAYMESSAGE']._serialized_end=244
   _globals['_SCHEDULERUPDATE']._serialized_start=247
-  _globals['_SCHEDULERUPDATE']._serialized_end=400
-  _globals['_OPENSESSION']._serialized_start=402
-  _globals['_OPENSESSION']._serialized_end=461
-  _globals['_SESSIONOPENED']._serialized_start=463
-  _globals['_SESSIONOPENED']._serialized_end=561
-  _globals['_SUBMIT']._serialized_start=564
-  _globals['_SUBMIT']._serialized_end=800
-  _globals['_ABORT']._serialized_start=802
-  _globals['_ABORT']._serialized_end=829
-  _globals['_FINISHSEQUENCE']._serialized_start=831
-  _globals['_FINISHSEQUENCE']._serialized_end=923
-  _globals['_REJECTED']._serialized_start=926
-  _globals['_REJECTED']._serialized_end=1110
-  _globals['_REJECTED_REASON']._serialized_start=1042
-  _globals['_REJECTED_REASON']._serialized_end=1110
-  _globals['_STEPOUTPUTS']._serialized_start=1113
-  _globals['_STEPOUTPUTS']._serialized_end=1274
-  _globals['_DELTALOGPROBS']._serialized_start=1277
-  _globals['_DELTALOGPROBS']._serialized_end=1411
-  _globals['_SEQUENCEFINISHED']._serialized_start=1414
-  _globals['_SEQUENCEFINISHED']._serialized_end=1638
-  _globals['_STATSREQUEST']._serialized_start=1640
-  _globals['_STATSREQUEST']._serialized_end=1654
-  _globals['_STATSRESPONSE']._serialized_start=1657
-  _globals['_STATSRESPONSE']._serialized_end=1863
-  _globals['_REPLICASTATS']._serialized_start=1866
-  _globals['_REPLICASTATS']._serialized_end=2152
-  _globals['_REPLICASTATS_STATE']._serialized_start=2093
-  _globals['_REPLICASTATS_STATE']._serialized_end=2152
-  _globals['_SCHEDULER']._serialized_start=2155
-  _globals['_SCHEDULER']._serialized_end=2296
+  _globals['_SCHEDULERUPDATE']._serialized_end=442
+  _globals['_OPENSESSION']._serialized_start=444
+  _globals['_OPENSESSION']._serialized_end=503
+  _globals['_SESSIONOPENED']._serialized_start=505
+  _globals['_SESSIONOPENED']._serialized_end=603
+  _globals['_SCHEDULERLOAD']._serialized_start=605
+  _globals['_SCHEDULERLOAD']._serialized_end=713
+  _globals['_SUBMIT']._serialized_start=716
+  _globals['_SUBMIT']._serialized_end=952
+  _globals['_ABORT']._serialized_start=954
+  _globals['_ABORT']._serialized_end=981
+  _globals['_FINISHSEQUENCE']._serialized_start=983
+  _globals['_FINISHSEQUENCE']._serialized_end=1075
+  _globals['_REJECTED']._serialized_start=1078
+  _globals['_REJECTED']._serialized_end=1262
+  _globals['_REJECTED_REASON']._serialized_start=1194
+  _globals['_REJECTED_REASON']._serialized_end=1262
+  _globals['_STEPOUTPUTS']._serialized_start=1265
+  _globals['_STEPOUTPUTS']._serialized_end=1426
+  _globals['_DELTALOGPROBS']._serialized_start=1429
+  _globals['_DELTALOGPROBS']._serialized_end=1563
+  _globals['_SEQUENCEFINISHED']._serialized_start=1566
+  _globals['_SEQUENCEFINISHED']._serialized_end=1790
+  _globals['_STATSREQUEST']._serialized_start=1792
+  _globals['_STATSREQUEST']._serialized_end=1806
+  _globals['_STATSRESPONSE']._serialized_start=1809
+  _globals['_STATSRESPONSE']._serialized_end=2015
+  _globals['_REPLICASTATS']._serialized_start=2018
+  _globals['_REPLICASTATS']._serialized_end=2304
+  _globals['_REPLICASTATS_STATE']._serialized_start=2245
+  _globals['_REPLICASTATS_STATE']._serialized_end=2304
+  _globals['_SCHEDULER']._serialized_start=2307
+  _globals['_SCHEDULER']._serialized_end=2448
 # @@protoc_insertion_point(module_scope)

@@ -21,14 +21,16 @@ class GatewayMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., submit: _Optional[_Union[Submit, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., finish: _Optional[_Union[FinishSequence, _Mapping]] = ...) -> None: ...
 
 class SchedulerUpdate(_message.Message):
-    __slots__ = ("opened", "outputs", "rejected")
+    __slots__ = ("opened", "outputs", "rejected", "load")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     outputs: StepOutputs
     rejected: Rejected
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., outputs: _Optional[_Union[StepOutputs, _Mapping]] = ..., rejected: _Optional[_Union[Rejected, _Mapping]] = ...) -> None: ...
+    load: SchedulerLoad
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., outputs: _Optional[_Union[StepOutputs, _Mapping]] = ..., rejected: _Optional[_Union[Rejected, _Mapping]] = ..., load: _Optional[_Union[SchedulerLoad, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("protocol_version", "gateway_id")
@@ -47,6 +49,18 @@ class SessionOpened(_message.Message):
     session_id: str
     model: _common_pb2.ModelInfo
     def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class SchedulerLoad(_message.Message):
+    __slots__ = ("num_waiting", "num_running", "kv_cache_usage", "num_live_replicas")
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LIVE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float
+    num_live_replicas: int
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_live_replicas: _Optional[int] = ...) -> None: ...
 
 class Submit(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "deadline_unix_ms", "cache_salt", "lora_id", "structured_output")

@@ -114,7 +114,9 @@ def test_the_request_left_samples_in_the_histograms(scrapes):
 
 def test_the_adapter_series_is_a_scheduler_gauge(exposed):
     """The HPA's metric: each Prometheus Adapter rule reads a gauge that the scheduler
-    exports (the workers' HPA must follow the scheduler's queue, not a gateway's)."""
+    exports (the workers' HPA must follow the scheduler's queue). The gateways show the
+    same global figure under the same name (for endpoint pickers), so a rule over such
+    a name takes the max of its series, never the sum; the workers export none."""
     scheduler = exposed["scheduler"]
     rules = k8s.adapter_external_rules()
     assert rules
@@ -122,18 +124,25 @@ def test_the_adapter_series_is_a_scheduler_gauge(exposed):
         assert scheduler.get(rule.series) == "gauge", (
             f"{rule.series} (adapter rule for {rule.name}) is not a scheduler gauge"
         )
-        others = names_of(exposed, "gateway", "worker")
-        assert rule.series not in others, f"{rule.series} would mix in other services"
+        assert rule.series not in exposed["worker"], f"{rule.series} would mix in workers"
+        if rule.series in exposed["gateway"]:
+            assert exposed["gateway"][rule.series] == "gauge"
+            query = rule.rule["metricsQuery"]
+            assert query.startswith("max("), f"{rule.name}: {query} counts each gateway"
 
 
 def test_the_queue_metric_reads_the_waiting_sequences(stack, exposed):
     """The value behind the HPA is the scheduler's queue: 0 once the request is done."""
-    scheduler, _, _ = stack
+    scheduler, _, gateway = stack
     [rule] = [r for r in k8s.adapter_external_rules() if r.name.endswith("requests_waiting")]
     text = get(f"http://{scheduler.http_addr}/metrics").text
     values = re.findall(rf"^{re.escape(rule.series)}{{[^}}]*}} (\S+)$", text, re.M)
     assert values == ["0.0"]
     assert scheduler.stats().num_waiting == 0
+    # The gateway shows the scheduler's figure, not a count of its own.
+    text = get(f"{gateway.base_url}/metrics").text
+    values = re.findall(rf"^{re.escape(rule.series)}{{[^}}]*}} (\S+)$", text, re.M)
+    assert values == ["0.0"]
 
 
 def test_every_dashboard_metric_is_exposed(exposed):

@@ -6,8 +6,8 @@ server) from a thread of its own, and answers every submit with scripted tokens:
 ``ignore_eos``), one token per step, honouring ``max_tokens``, ``stop_token_ids``,
 ``abort`` and ``finish``. It records what the gateway sent, so tests can check that an
 abort or a finish arrived, and can refuse submits (``reject``), say NOT_SERVING in its
-gRPC health as a stalled scheduler does (``set_serving``), or be stopped and restarted
-on the same port.
+gRPC health as a stalled scheduler does (``set_serving``), send a ``SchedulerLoad`` down
+every open session (``send_load``), or be stopped and restarted on the same port.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class SchedulerDouble(session_pb2_grpc.SchedulerServicer):
         self._sessions = itertools.count(1)
         self._health: health.aio.HealthServicer | None = None
         self._serving = True
+        # The update queue of each open session, for send_load.
+        self._open: set[asyncio.Queue[session_pb2.SchedulerUpdate | None]] = set()
 
     @property
     def vocab(self) -> int:
@@ -102,6 +104,16 @@ class SchedulerDouble(session_pb2_grpc.SchedulerServicer):
         """What the health of ``pagoda.v1.Scheduler`` says (NOT_SERVING: a stalled engine)."""
         self._serving = serving
         self._call(self._publish_health())
+
+    def send_load(self, **fields: float) -> None:
+        """Send ``SchedulerLoad(**fields)`` down every open session."""
+        update = session_pb2.SchedulerUpdate(load=session_pb2.SchedulerLoad(**fields))
+
+        def put() -> None:
+            for queue in self._open:
+                queue.put_nowait(update)
+
+        self._loop.call_soon_threadsafe(put)
 
     def close(self) -> None:
         self.stop()
@@ -175,10 +187,12 @@ class SchedulerDouble(session_pb2_grpc.SchedulerServicer):
             self._read(request_iterator, running, pending_finished, updates)
         )
         stepper = asyncio.ensure_future(self._step(running, pending_finished, updates))
+        self._open.add(updates)
         try:
             while (update := await updates.get()) is not None:
                 yield update
         finally:
+            self._open.discard(updates)
             reader.cancel()
             stepper.cancel()
 

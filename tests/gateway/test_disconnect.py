@@ -57,4 +57,4 @@ def test_a_waiting_client_that_leaves_aborts_its_request(
     submit = double.wait_for(lambda r: double.submit_with_prompt(ids))
     assert _wait_abort(double, submit.request_id) < 1.0  # type: ignore[attr-defined]
     running = httpx.get(f"{gateway.url}/metrics").text
-    assert 'vllm:num_requests_running{model_name="tiny-chat"} 0.0' in running
+    assert "pagoda_gateway_requests_in_flight 0.0" in running

@@ -246,7 +246,10 @@ def test_probes_and_metrics(gateway: GatewayProcess, client: OpenAI) -> None:
         "vllm:time_to_first_token_seconds_bucket",
         "vllm:time_per_output_token_seconds_bucket",
         "vllm:e2e_request_latency_seconds_bucket",
-        "vllm:num_requests_running",
+        'vllm:num_requests_running{model_name="tiny-chat"}',
+        'vllm:num_requests_waiting{model_name="tiny-chat"}',
+        'vllm:kv_cache_usage_perc{model_name="tiny-chat"}',
+        "pagoda_gateway_requests_in_flight",
         "pagoda_gateway_session_up 1.0",
         'pagoda_gateway_requests_total{api="rest",status="200"}',
     ):

@@ -128,6 +128,8 @@ class GatewaySession:
     tokens: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     finished: dict[tuple[str, int], session_pb2.SequenceFinished] = field(default_factory=dict)
     rejected: dict[str, session_pb2.Rejected] = field(default_factory=dict)
+    # Every SchedulerLoad that came down, in order.
+    loads: list[session_pb2.SchedulerLoad] = field(default_factory=list)
     opened: session_pb2.SessionOpened | None = None
     error: grpc.aio.AioRpcError | None = None
     ended: bool = False
@@ -200,6 +202,9 @@ class GatewaySession:
         kind = update.WhichOneof("kind")
         if kind == "rejected":
             self.rejected[update.rejected.request_id] = update.rejected
+            return
+        if kind == "load":
+            self.loads.append(update.load)
             return
         assert kind == "outputs", kind
         out = update.outputs

@@ -420,3 +420,38 @@ async def test_a_gateway_that_falls_behind_is_cut_off_and_its_requests_aborted(c
             while True:
                 await deaf.call.read()
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@asynctest
+async def test_every_session_learns_the_load_after_opened_and_when_it_changes(card, runners):
+    """SchedulerLoad: the queue, the running sequences, the KV usage and the live
+    replicas, sent by the tick (never the step loop) and only when they changed."""
+    async with running_service(card) as running:
+        session = await running.session()
+        await wait_until(lambda: session.loads, what="the first load")
+        assert session.loads[0] == session_pb2.SchedulerLoad()  # nothing yet, no replica
+        await session.submit("r", prompts(40, seed=3)[0], greedy(200))
+        await wait_until(lambda: session.loads[-1].num_waiting == 1, what="a waiting request")
+        assert session.loads[-1].num_live_replicas == 0
+        w = worker(running, runners[0], card, "w0")
+        try:
+            await wait_until(lambda: w.registered, what="a Welcome")
+            w.hang()  # the request stays running, however fast the steps would be
+            await wait_until(lambda: session.loads[-1].num_running == 1, what="running")
+            load = session.loads[-1]
+            assert (load.num_waiting, load.num_live_replicas) == (0, 1)
+            assert 0 < load.kv_cache_usage < 1
+            # A session that opens now is told the current load at once, after `opened`.
+            late = await running.session("late")
+            await wait_until(lambda: late.loads, what="the late session's load")
+            assert late.loads[0].num_live_replicas == 1
+            w.resume()
+            await session.wait_finished("r")
+            await wait_until(lambda: session.loads[-1].num_running == 0, what="the end")
+            assert session.loads[-1].kv_cache_usage == 0.0
+            # Only changes are sent: no two loads in a row are equal.
+            assert all(a != b for a, b in zip(session.loads, session.loads[1:], strict=False))
+            await late.close()
+            await session.close()
+        finally:
+            w.kill()

@@ -95,3 +95,31 @@ def test_reset_forgets_everything(runner, scheduler):
     assert runner.seqs
     runner.reset(3, 77)
     assert not runner.seqs and (runner.epoch, runner.last_step) == (77, 0)
+
+
+def test_warm_up_leaves_the_state_and_the_answers_as_they_were(tmp_path):
+    """The warm-up's dummy sequence is gone afterwards, and a runner that warmed up
+    samples exactly what a cold one does, whatever blocks the plans reuse."""
+    path = build_model("llama", tmp_path)
+    cold, warm = (
+        ModelRunner(path, dtype="float32", num_kv_blocks=16, block_size=4, show_progress=False)
+        for _ in range(2)
+    )
+    assert warm.warm_up() == 16
+    assert (warm.seqs, warm.replica_id, warm.epoch, warm.last_step) == ({}, 0, 0, 0)
+    tokens = []
+    for runner in (cold, warm):
+        sched = Scheduler(SchedulerConfig(max_model_len=64, block_size=4, seed=0))
+        runner.reset(1, sched.join(1, runner.num_kv_blocks))
+        params = SamplingParams(temperature=0.8, max_tokens=6, ignore_eos=True).to_proto()
+        for i in range(3):
+            prompt = [5 + i, 6, 7, 8, 9, 10, 11][: 3 + 2 * i]
+            sched.add(session_pb2.Submit(request_id=f"r{i}", prompt_token_ids=prompt,
+                                         sampling=params), 0)  # fmt: skip
+        out = []
+        while (plan := sched.schedule(1, 0)) is not None:
+            result = runner.execute(plan)
+            out.append((list(result.seqs), list(result.token_ids)))
+            sched.update(result)
+        tokens.append(out)
+    assert tokens[0] == tokens[1] and sum(len(t) for _, t in tokens[0]) == 18

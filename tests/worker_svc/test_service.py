@@ -398,3 +398,13 @@ def test_a_refusal_is_retried_unless_it_is_fatal(model: Path) -> None:
     finally:
         worker.kill()
         sched.close()
+
+
+def test_the_worker_warms_up_before_its_first_hello(started: Started) -> None:
+    """A registered replica can take a step at once: the warm-up (a dummy prefill and
+    decode) is over, and logged, before the first Hello goes out."""
+    lines = started.worker.lines
+    warmed = [i for i, line in enumerate(lines) if re.search(r"warmed up in \S+s \(", line)]
+    hellos = [i for i, line in enumerate(lines) if "sent hello" in line]
+    assert len(warmed) == 1 and hellos, started.worker.log
+    assert warmed[0] < hellos[0], started.worker.log

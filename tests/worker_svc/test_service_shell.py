@@ -174,6 +174,9 @@ class StandInRunner:
         self.resets.append((replica_id, epoch))
         self.seqs.clear()
 
+    def warm_up(self) -> int:
+        return 0
+
 
 INFO = ModelInfo(
     identity="abc", vocab_size=100, eos_token_ids=(2,), max_model_len=64, num_kv_blocks=8,
