@@ -23,6 +23,8 @@ from gateway import response_models as answers_
 
 REF = "#/components/schemas/{model}"
 BEARER = "bearer"
+# The last event of a stream that ended well.
+DONE = "[DONE]"
 
 REQUESTS: tuple[type[BaseModel], ...] = (
     protocol.CompletionRequest,
@@ -73,19 +75,26 @@ def request_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def event_stream(chunk: type[BaseModel]) -> dict[str, Any]:
-    """A ``text/event-stream`` answer: ``data: <chunk>`` events, then ``data: [DONE]``.
-    OpenAPI 3.1 cannot type the events, so ``x-event-data`` gives their schema."""
-    return {
-        "text/event-stream": {
-            "schema": {
-                "type": "string",
-                "description": f"server-sent events `data: <{chunk.__name__}>`, then "
-                "`data: [DONE]`; a failure after the first event is one "
-                "`data: <ErrorResponse>` event, and no `[DONE]`",
-            },
-            "x-event-data": {"oneOf": [ref(chunk), ref(answers_.ErrorResponse)]},
-        }
+    """A ``text/event-stream`` answer: ``data: <chunk JSON>`` events, then ``data: [DONE]``.
+    A failure after the first event is one ``data: <ErrorResponse>`` event and no
+    ``[DONE]``. OpenAPI 3.1 has no keyword for one event of a stream, so ``schema``
+    describes one event (as OpenAPI 3.2's ``itemSchema`` does, and as schemathesis
+    reads a 3.1 event stream), its JSON ``data`` typed by ``contentSchema``."""
+    payload = {"anyOf": [ref(chunk), ref(answers_.ErrorResponse)]}
+    data = {
+        "anyOf": [
+            {"const": DONE},
+            {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+        ]
     }
+    event = {
+        "type": "object",
+        "description": f"one server-sent event: `data: <{chunk.__name__}>`, or "
+        f"`data: <ErrorResponse>` as the last event of a failed stream, or `data: {DONE}`",
+        "properties": {"data": data},
+        "required": ["data"],
+    }
+    return {"text/event-stream": {"schema": event}}
 
 
 def answers(
