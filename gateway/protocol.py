@@ -21,6 +21,9 @@ INT64 = (-(2**63), 2**63 - 1)
 UINT32_MAX = 2**32 - 1
 TOKEN_ID = {"type": "integer", "minimum": 0}
 TEXT = {"type": "string", "minLength": 1}
+# Submit.deadline_unix_ms (uint64 ms) must hold arrival + timeout, so a longer timeout
+# (3e7 years) cannot be sent.
+MAX_TIMEOUT_S = 1e15
 
 
 def ranged(default: Any, **keywords: Any) -> Any:
@@ -96,7 +99,7 @@ class SamplingRequest(BaseModel):
     priority: int = ranged(0, minimum=INT32[0], maximum=INT32[1])
     # An extension: seconds the request may take from its arrival (> 0); past it the
     # request is aborted and answered 504. OpenAI's clients send it through extra_body.
-    timeout: float | None = ranged(None, exclusiveMinimum=0)
+    timeout: float | None = ranged(None, exclusiveMinimum=0, maximum=MAX_TIMEOUT_S)
     cache_salt: str | None = None
     # Structured output is not enforced yet: only {"type": "text"} is accepted.
     response_format: dict[str, Any] | None = None

@@ -110,6 +110,7 @@ def test_the_schema_fuzzer_finds_no_server_error_and_no_answer_off_the_schema(st
     gateway = stack
     report = tmp_path / "events.ndjson"
     run = _schemathesis(gateway.base_url, report, tmp_path)
+    (tmp_path / "schemathesis.txt").write_text(run.stdout + run.stderr)
     assert run.returncode == 0, run.stdout[-12000:] + run.stderr[-3000:]
     assert "No issues found" in run.stdout, run.stdout[-3000:]
     seen = _answers(report)

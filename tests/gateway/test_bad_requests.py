@@ -146,6 +146,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str | None]] = [
      {"content": b'{"prompt": ' + b"[" * 300 + b"]" * 300 + b"}"}, 400, None),
     ("an integer past the parser's range", "POST", "/v1/completions",
      {"content": b'{"prompt": "Hi", "n": ' + b"9" * 5000 + b"}"}, 400, None),
+    ("timeout past what Submit.deadline_unix_ms holds", "POST", "/v1/completions",
+     {"json": {**CMPL, "timeout": 3.8e16}}, 400, "timeout"),
     ("unknown route", "GET", "/v1/nothing", {}, 404, None),
     ("wrong method", "GET", "/v1/completions", {}, 405, None),
     ("body over the limit", "POST", "/v1/completions",
