@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import errors, openapi
-from gateway import response_models as answer
+from gateway import response_models as answers
 from gateway.asgi import BodyLimit, ClientGone, CountResponses, EventStream, sse, until_disconnected
 from gateway.core import Gateway, Prompt
 from gateway.errors import GatewayError
@@ -192,48 +192,36 @@ def _add_probe_routes(app: FastAPI, core: Gateway) -> None:
 
 
 def _add_api_routes(app: FastAPI, core: Gateway, settings: HttpSettings) -> None:
-    key = bool(settings.api_key)
+    def described(answer: type[BaseModel], errors: tuple[int, ...], **models: Any) -> Any:
+        return openapi.route(answer, errors, bool(settings.api_key), **models)
 
-    def described(
-        ok: dict[str, Any], errors: tuple[int, ...], body: type[BaseModel] | None = None
-    ) -> dict[str, Any]:
-        """The route's request and answer models, for /openapi.json."""
-        extra = openapi.request_body(body) if body else None
-        return {
-            "response_model": None,
-            "responses": openapi.answers(ok, errors, key),
-            "openapi_extra": extra,
-        }
-
-    @app.get("/v1/models", **described(openapi.json_content(answer.ModelList), ()))
+    @app.get("/v1/models", **described(answers.ModelList, ()))
     async def list_models(request: Request) -> dict[str, Any]:
         """The served model."""
         _authorize(request, settings)
         return {"object": "list", "data": [_model_card(core)]}
 
-    @app.get("/v1/models/{model:path}", **described(openapi.json_content(answer.ModelCard), (404,)))
+    @app.get("/v1/models/{model:path}", **described(answers.ModelCard, (404,)))
     async def get_model(model: str, request: Request) -> dict[str, Any]:
         """The served model, by its name."""
         _authorize(request, settings)
         core.check_model(model)
         return _model_card(core)
 
-    completion = openapi.json_content(answer.CompletionResponse)
-    completion |= openapi.event_stream(answer.CompletionChunk)
-
-    @app.post("/v1/completions",
-              **described(completion, openapi.GENERATION_ERRORS, CompletionRequest))  # fmt: skip
+    @app.post("/v1/completions", **described(
+        answers.CompletionResponse, openapi.GENERATION_ERRORS, body=CompletionRequest,
+        chunk=answers.CompletionChunk,
+    ))  # fmt: skip
     async def completions(request: Request) -> Response:
         """Text completion; server-sent events with `"stream": true`."""
         _authorize(request, settings)
         body = await read_body(request, CompletionRequest)
         return await _serve(request, core, completion_call(core, body))
 
-    chat = openapi.json_content(answer.ChatCompletionResponse)
-    chat |= openapi.event_stream(answer.ChatCompletionChunk)
-
-    @app.post("/v1/chat/completions",
-              **described(chat, openapi.GENERATION_ERRORS, ChatCompletionRequest))  # fmt: skip
+    @app.post("/v1/chat/completions", **described(
+        answers.ChatCompletionResponse, openapi.GENERATION_ERRORS, body=ChatCompletionRequest,
+        chunk=answers.ChatCompletionChunk,
+    ))  # fmt: skip
     async def chat_completions(request: Request) -> Response:
         """Chat completion with the model's chat template; server-sent events with
         `"stream": true`."""
@@ -242,7 +230,7 @@ def _add_api_routes(app: FastAPI, core: Gateway, settings: HttpSettings) -> None
         return await _serve(request, core, chat_call(core, body))
 
     @app.post("/tokenize", **described(
-        openapi.json_content(answer.TokenizeResponse), openapi.BODY_ERRORS, TokenizeRequest
+        answers.TokenizeResponse, openapi.BODY_ERRORS, body=TokenizeRequest
     ))  # fmt: skip
     async def tokenize(request: Request) -> dict[str, Any]:
         """vLLM's: a prompt, or messages rendered by the chat template, as token ids."""
@@ -250,7 +238,7 @@ def _add_api_routes(app: FastAPI, core: Gateway, settings: HttpSettings) -> None
         return _tokenize(core, await read_body(request, TokenizeRequest))
 
     @app.post("/detokenize", **described(
-        openapi.json_content(answer.DetokenizeResponse), openapi.BODY_ERRORS, DetokenizeRequest
+        answers.DetokenizeResponse, openapi.BODY_ERRORS, body=DetokenizeRequest
     ))  # fmt: skip
     async def detokenize(request: Request) -> dict[str, Any]:
         """vLLM's: token ids as text."""

@@ -1,9 +1,9 @@
 """The OpenAPI document of the REST API (``/openapi.json``, browsed at ``/docs``).
 
 The routes read their bodies themselves (``openai_api.read_body``), so FastAPI knows
-neither their request nor their answer models. Each route states them here instead:
-``request_body`` for ``openapi_extra`` and ``answers`` for ``responses``, both as
-references to ``#/components/schemas``, which ``document`` fills from the pydantic
+neither their request nor their answer models. Each route states them through
+``route``: ``openapi_extra`` for the request body and ``responses`` for the answers,
+as references to ``#/components/schemas``, which ``document`` fills from the pydantic
 models of gateway/protocol.py and gateway/response_models.py. The errors listed are the
 ones the route can really answer (gateway/errors.py); FastAPI's own 422 is dropped,
 since a validation error is a 400 here.
@@ -18,8 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from gateway import protocol
-from gateway import response_models as answers_
+from gateway import protocol, response_models
 
 REF = "#/components/schemas/{model}"
 BEARER = "bearer"
@@ -33,15 +32,15 @@ REQUESTS: tuple[type[BaseModel], ...] = (
     protocol.DetokenizeRequest,
 )
 ANSWERS: tuple[type[BaseModel], ...] = (
-    answers_.ErrorResponse,
-    answers_.CompletionResponse,
-    answers_.CompletionChunk,
-    answers_.ChatCompletionResponse,
-    answers_.ChatCompletionChunk,
-    answers_.ModelList,
-    answers_.ModelCard,
-    answers_.TokenizeResponse,
-    answers_.DetokenizeResponse,
+    response_models.ErrorResponse,
+    response_models.CompletionResponse,
+    response_models.CompletionChunk,
+    response_models.ChatCompletionResponse,
+    response_models.ChatCompletionChunk,
+    response_models.ModelList,
+    response_models.ModelCard,
+    response_models.TokenizeResponse,
+    response_models.DetokenizeResponse,
 )
 
 # What each error status means, as the routes' documentation says it.
@@ -80,7 +79,7 @@ def event_stream(chunk: type[BaseModel]) -> dict[str, Any]:
     ``[DONE]``. OpenAPI 3.1 has no keyword for one event of a stream, so ``schema``
     describes one event (as OpenAPI 3.2's ``itemSchema`` does, and as schemathesis
     reads a 3.1 event stream), its JSON ``data`` typed by ``contentSchema``."""
-    payload = {"anyOf": [ref(chunk), ref(answers_.ErrorResponse)]}
+    payload = {"anyOf": [ref(chunk), ref(response_models.ErrorResponse)]}
     data = {
         "anyOf": [
             {"const": DONE},
@@ -107,9 +106,30 @@ def answers(
     for status in statuses:
         out[status] = {
             "description": ERRORS[status],
-            "content": json_content(answers_.ErrorResponse),
+            "content": json_content(response_models.ErrorResponse),
         }
     return out
+
+
+def route(
+    answer: type[BaseModel],
+    errors: tuple[int, ...],
+    api_key: bool,
+    body: type[BaseModel] | None = None,
+    chunk: type[BaseModel] | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of a route that answers ``answer`` as JSON (or ``chunk``
+    events with ``stream``) to a ``body``: its ``responses`` and ``openapi_extra``.
+    ``response_model`` stays None: the answers are dicts already, not to be checked
+    again on every call."""
+    ok = json_content(answer)
+    if chunk is not None:
+        ok |= event_stream(chunk)
+    return {
+        "response_model": None,
+        "responses": answers(ok, errors, api_key),
+        "openapi_extra": request_body(body) if body is not None else None,
+    }
 
 
 def plain_text(what: str) -> dict[str, Any]:
