@@ -1,15 +1,18 @@
 """The OpenAI-compatible REST API (FastAPI): completions, chat completions, models,
-tokenize / detokenize, and the probes ``/health``, ``/ready``, ``/metrics``.
+tokenize / detokenize, the probes ``/health``, ``/ready``, ``/metrics``, and the API's
+OpenAPI document at ``/openapi.json`` (browsed at ``/docs``).
 
 Every error leaves as OpenAI's ``{"error": {...}}`` body, FastAPI's and Starlette's
 own included (validation, unknown route, wrong method). Bodies are parsed here rather
 than by FastAPI, so that bad JSON, invalid UTF-8 and type errors all become a 400 that
-names the offending parameter. See docs/gateway.md.
+names the offending parameter, whatever the Content-Type; each route names its request
+and answer models for the document (gateway/openapi.py). See docs/gateway.md.
 """
 
 from __future__ import annotations
 
 import hmac
+import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import errors
+from gateway import errors, openapi
+from gateway import response_models as answers
 from gateway.asgi import BodyLimit, ClientGone, CountResponses, EventStream, sse, until_disconnected
 from gateway.core import Gateway, Prompt
 from gateway.errors import GatewayError
@@ -52,15 +56,33 @@ class HttpSettings:
 
 def build_app(core: Gateway, settings: HttpSettings = HttpSettings()) -> FastAPI:
     """The FastAPI app of one gateway, wrapped in the body limit and the counters."""
-    app = FastAPI(title="pagoda gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json and /docs need no API key, as in vLLM: the document holds no secret.
+    app = FastAPI(
+        title="pagoda gateway",
+        version=_version(),
+        description="OpenAI-compatible REST API (completions, chat completions, models) "
+        "with vLLM's extensions.",
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     _install_error_handlers(app)
     _add_probe_routes(app, core)
     _add_api_routes(app, core, settings)
+    with_key = bool(settings.api_key)
+    app.openapi = lambda: openapi.document(app, API_PATHS, with_key)  # type: ignore[method-assign]
     app.add_middleware(
         CountResponses, count=lambda s: core.metrics.answered("rest", s), paths=API_PATHS
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pagoda")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -117,7 +139,9 @@ async def read_body(request: Request, model: type[M]) -> M:
     if not raw.strip():
         raise errors.invalid("the request needs a JSON body")
     try:
-        return model.model_validate_json(raw)
+        # Strict, as OpenAI checks types: "2" is no integer and 1 no boolean (a number
+        # may be an integer), so the server accepts exactly what /openapi.json describes.
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise _from_validation(exc.errors(include_url=False)) from None
 
@@ -140,20 +164,27 @@ def _authorize(request: Request, settings: HttpSettings) -> None:
 
 
 def _add_probe_routes(app: FastAPI, core: Gateway) -> None:
-    @app.get("/health")
+    @app.get("/health", response_class=PlainTextResponse,
+             responses={200: openapi.plain_text("`ok`")})  # fmt: skip
     async def health() -> Response:
         """Liveness: answering at all means the event loop runs."""
         return PlainTextResponse("ok\n")
 
-    @app.get("/ready")
+    @app.get("/ready", response_class=PlainTextResponse, responses={
+        200: openapi.plain_text("`ready`: a session to the scheduler is open, with enough live replicas"),
+        503: openapi.plain_text("`not ready: WHY`: no session, too few live replicas, or draining"),
+    })  # fmt: skip
     async def ready() -> Response:
+        """Readiness: takes requests."""
         why = core.not_ready_reason()
         if why is None:
             return PlainTextResponse("ready\n")
         return PlainTextResponse(f"not ready: {why}\n", status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: openapi.plain_text("Prometheus text")})  # fmt: skip
     async def metrics() -> Response:
+        """Prometheus metrics (vLLM's names)."""
         return Response(core.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -161,36 +192,56 @@ def _add_probe_routes(app: FastAPI, core: Gateway) -> None:
 
 
 def _add_api_routes(app: FastAPI, core: Gateway, settings: HttpSettings) -> None:
-    @app.get("/v1/models")
+    def described(answer: type[BaseModel], errors: tuple[int, ...], **models: Any) -> Any:
+        return openapi.route(answer, errors, bool(settings.api_key), **models)
+
+    @app.get("/v1/models", **described(answers.ModelList, ()))
     async def list_models(request: Request) -> dict[str, Any]:
+        """The served model."""
         _authorize(request, settings)
         return {"object": "list", "data": [_model_card(core)]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", **described(answers.ModelCard, (404,)))
     async def get_model(model: str, request: Request) -> dict[str, Any]:
+        """The served model, by its name."""
         _authorize(request, settings)
         core.check_model(model)
         return _model_card(core)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **described(
+        answers.CompletionResponse, openapi.GENERATION_ERRORS, body=CompletionRequest,
+        chunk=answers.CompletionChunk,
+    ))  # fmt: skip
     async def completions(request: Request) -> Response:
+        """Text completion; server-sent events with `"stream": true`."""
         _authorize(request, settings)
         body = await read_body(request, CompletionRequest)
         return await _serve(request, core, completion_call(core, body))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **described(
+        answers.ChatCompletionResponse, openapi.GENERATION_ERRORS, body=ChatCompletionRequest,
+        chunk=answers.ChatCompletionChunk,
+    ))  # fmt: skip
     async def chat_completions(request: Request) -> Response:
+        """Chat completion with the model's chat template; server-sent events with
+        `"stream": true`."""
         _authorize(request, settings)
         body = await read_body(request, ChatCompletionRequest)
         return await _serve(request, core, chat_call(core, body))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", **described(
+        answers.TokenizeResponse, openapi.BODY_ERRORS, body=TokenizeRequest
+    ))  # fmt: skip
     async def tokenize(request: Request) -> dict[str, Any]:
+        """vLLM's: a prompt, or messages rendered by the chat template, as token ids."""
         _authorize(request, settings)
         return _tokenize(core, await read_body(request, TokenizeRequest))
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", **described(
+        answers.DetokenizeResponse, openapi.BODY_ERRORS, body=DetokenizeRequest
+    ))  # fmt: skip
     async def detokenize(request: Request) -> dict[str, Any]:
+        """vLLM's: token ids as text."""
         _authorize(request, settings)
         body = await read_body(request, DetokenizeRequest)
         core.check_model(body.model)

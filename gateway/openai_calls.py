@@ -10,7 +10,6 @@ naming the parameter as the client spelled it (``top_logprobs``,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,13 @@ from gateway import errors
 from gateway.core import Gateway, Prompt, SubmitOptions
 from gateway.errors import GatewayError
 from gateway.openai_format import ChatFormatter, CompletionFormatter
-from gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
+from gateway.protocol import (
+    MAX_TIMEOUT_S,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingRequest,
+)
 from pagoda.sampling_params import SamplingParams
 
 
@@ -213,8 +218,10 @@ def _options(body: SamplingRequest) -> SubmitOptions:
     if not low <= body.priority <= high:
         raise errors.invalid(f"priority must lie in [{low}, {high}]", "priority")
     timeout = body.timeout
-    if timeout is not None and not (0 < timeout < math.inf):
-        raise errors.invalid("timeout must be a positive number of seconds", "timeout")
+    if timeout is not None and not (0 < timeout <= MAX_TIMEOUT_S):
+        raise errors.invalid(
+            f"timeout must be a positive number of seconds, at most {MAX_TIMEOUT_S:g}", "timeout"
+        )
     return SubmitOptions(
         priority=body.priority, timeout_s=timeout, cache_salt=body.cache_salt or ""
     )
