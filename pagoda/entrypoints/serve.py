@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pagoda.announcements import GATEWAY_LISTENING, SCHEDULER_LISTENING, WORKER_REGISTERED
 from pagoda.flags import Flag, add_flags, to_argv
+from pagoda.lifeline import Lifeline
 
 STOP_GRACE_S = 30.0
 START_TIMEOUT_S = 600.0
@@ -112,11 +113,15 @@ class Stack:
 
     def __init__(self) -> None:
         self.children: list[Child] = []
+        # Each child watches it (pagoda.lifeline): if this process dies, even by
+        # SIGKILL, every child kills its own process group.
+        self.lifeline = Lifeline()
 
     def start(self, name: str, argv: list[str], patterns: dict[str, re.Pattern], env=None) -> Child:
         cmd = [sys.executable, "-m", "pagoda", *argv]
         proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True,
+            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            env=self.lifeline.child_env(env), pass_fds=self.lifeline.pass_fds, text=True,
             bufsize=1, start_new_session=True,
         )  # fmt: skip
         child = Child(name, proc)
