@@ -236,6 +236,26 @@ class Gateway:
             )
         return prompt
 
+    def check_context(
+        self, prompts: Sequence[Prompt], max_tokens: int | None, param: str = "max_tokens"
+    ) -> None:
+        """Prompt plus ``max_tokens`` must fit in the context, as OpenAI and vLLM demand:
+        a request that cannot get what it asked for is refused, not cut short. Without
+        ``max_tokens`` generation simply stops at the context limit."""
+        if max_tokens is None:
+            return
+        limit = self.max_model_len
+        for prompt in prompts:
+            length = len(prompt.token_ids)
+            if length + max_tokens > limit:
+                raise errors.invalid(
+                    f"This model's maximum context length is {limit} tokens. However, you "
+                    f"requested {length + max_tokens} tokens ({length} in the messages, "
+                    f"{max_tokens} in the completion). Please reduce the length of the "
+                    "messages or completion.",
+                    param,
+                )
+
     def sampling_params(self, **kwargs: Any) -> SamplingParams:
         """``SamplingParams`` validation, its ``ValueError`` turned into a 400 that names
         the parameter; logit_bias token ids are checked against the vocabulary."""

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from gateway import errors
 from gateway.core import Gateway, Prompt, SubmitOptions
 from gateway.errors import GatewayError
+from gateway.protocol import CHAT_ROLES
 from gateway.requests import ActiveRequest, RequestGroup
 from pagoda.sampling_params import SamplingParams
 from pagoda.text import SampleDelta
@@ -151,14 +152,19 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         except (ValueError, TypeError) as exc:
             raise errors.invalid(f"sampling: {exc}", "sampling") from None
         core.check_logit_bias(params)
+        prompt = self._prompt(request)
+        core.check_context([prompt], params.max_tokens)
+        return params, prompt
+
+    def _prompt(self, request: api_pb2.GenerateRequest) -> Prompt:
+        core = self.core
         kind = request.WhichOneof("prompt")
         if kind == "text":
-            special = _flag(request, "add_special_tokens", True)
-            return params, core.text_prompt(request.text, special)
+            return core.text_prompt(request.text, _flag(request, "add_special_tokens", True))
         if kind == "token_ids":
-            return params, core.token_prompt(request.token_ids.ids)
+            return core.token_prompt(request.token_ids.ids)
         if kind == "messages":
-            return params, core.chat_prompt(_render(core, request.messages))
+            return core.chat_prompt(_render(core, request.messages))
         raise errors.invalid("give a prompt: 'text', 'token_ids' or 'messages'", "prompt")
 
 
@@ -181,6 +187,12 @@ def _flag(message: Any, name: str, default: bool) -> bool:
 
 
 def _render(core: Gateway, chat: api_pb2.ChatMessages) -> str:
+    for i, m in enumerate(chat.messages):
+        if m.role not in CHAT_ROLES:
+            raise errors.invalid(
+                f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {m.role!r}",
+                "messages",
+            )
     messages = [{"role": m.role, "content": m.content} for m in chat.messages]
     return core.render_chat(
         messages, add_generation_prompt=_flag(chat, "add_generation_prompt", True)

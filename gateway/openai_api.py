@@ -171,7 +171,7 @@ def _add_probe_routes(app: FastAPI, core: Gateway) -> None:
         return PlainTextResponse("ok\n")
 
     @app.get("/ready", response_class=PlainTextResponse, responses={
-        200: openapi.plain_text("`ready`: a session to the scheduler is open, with enough live replicas"),
+        200: openapi.plain_text("`ready`: a session is open, enough replicas live"),
         503: openapi.plain_text("`not ready: WHY`: no session, too few live replicas, or draining"),
     })  # fmt: skip
     async def ready() -> Response:

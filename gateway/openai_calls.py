@@ -52,6 +52,7 @@ def completion_call(core: Gateway, body: CompletionRequest) -> Call:
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
     )
+    core.check_context(prompts, params.max_tokens)
     formatter = CompletionFormatter(
         model=core.model_name,
         n=params.n,
@@ -102,16 +103,19 @@ def chat_call(core: Gateway, body: ChatCompletionRequest) -> Call:
     )
     prompt = core.chat_prompt(text, body.add_special_tokens)
     top = body.top_logprobs or 0
+    newer = body.max_completion_tokens is not None
     params = _params(
         core,
         body,
-        max_tokens=body.max_completion_tokens
-        if body.max_completion_tokens is not None
-        else body.max_tokens,
+        max_tokens=body.max_completion_tokens if newer else body.max_tokens,
         logprobs=top if body.logprobs else None,
         rename={"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"}
-        if body.max_completion_tokens is not None
+        if newer
         else {"logprobs": "top_logprobs"},
+    )
+    # Named as the client spelled it: max_completion_tokens, or the deprecated max_tokens.
+    core.check_context(
+        [prompt], params.max_tokens, "max_completion_tokens" if newer else "max_tokens"
     )
     formatter = ChatFormatter(
         model=core.model_name,

@@ -12,9 +12,9 @@ fields are ignored, as vLLM ignores them.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
@@ -126,15 +126,27 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+# The roles OpenAI accepts; any other is a 400, as there.
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+CHAT_ROLES: tuple[str, ...] = get_args(Role)
+
+
 class ChatMessage(BaseModel):
     """One message; extra fields (``tool_calls``, ``reasoning_content``, ...) reach the
-    chat template unchanged."""
+    chat template unchanged. A tool message names the call it answers."""
 
     model_config = ConfigDict(extra="allow")
 
-    role: str
+    role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_needs_its_call(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs a tool_call_id")
+        return self
 
 
 class ChatCompletionRequest(SamplingRequest):

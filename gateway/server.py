@@ -27,6 +27,7 @@ import grpc
 import uvicorn
 import uvloop
 
+from gateway import errors
 from gateway.core import Gateway
 from gateway.grpc_api import Health, add_services
 from gateway.openai_api import HttpSettings, build_app
@@ -326,6 +327,9 @@ async def _drain(core: Gateway, health: Health, grace_s: float) -> None:
         await asyncio.sleep(0.05)
     if len(core.table):
         log.warning("drain grace over: ending %d request(s)", len(core.table))
+        # Each gets a retryable 503 (a stream: an error event) before the session closes,
+        # rather than a connection cut with no word of why.
+        core.table.fail_all(errors.draining())
 
 
 def _bind(host: str, port: int) -> socket.socket:

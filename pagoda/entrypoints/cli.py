@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pagoda
+from pagoda import lifeline
 
 
 def _serve() -> ModuleType:
@@ -117,6 +118,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First, before a slow import: a child of `pagoda serve` ends when its parent does.
+    lifeline.watch_parent()
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SERVICES else None)

@@ -3,10 +3,14 @@
 It prepares the model card, starts the scheduler, N workers and the gateway (each
 the same ``pagoda`` subcommand a pod would run, so one code path serves both),
 waits until the gateway is listening and every worker has registered, prints the
-URLs, and stays in the foreground. Ctrl-C or SIGTERM stops the gateway first (it
-finishes its open streams), then the workers, then the scheduler; a child that
-dies on its own brings the rest down. Children start in a process group of their
-own, and whatever outlives its grace period is killed: no orphans.
+URLs, and stays in the foreground. Ctrl-C or SIGTERM stops the gateway first, then
+the workers, then the scheduler; a second signal kills what is left at once. Open
+requests are ended at once (each stream gets a 503 error event), as ``vllm serve``
+ends them by default; ``--drain-grace`` gives them that many seconds to finish first.
+A child that dies on its own brings the rest down. Children start in a process group
+of their own, and whatever outlives its bound is killed. If ``pagoda serve`` itself is
+killed (SIGKILL included), every child kills its own group (``pagoda.lifeline``): no
+orphans either way.
 
 The children bind port 0 where a port is internal and report the real port on a
 log line that this module reads from their stderr (which it forwards, prefixed).
@@ -31,8 +35,12 @@ from pathlib import Path
 
 from pagoda.announcements import GATEWAY_LISTENING, SCHEDULER_LISTENING, WORKER_REGISTERED
 from pagoda.flags import Flag, add_flags, to_argv
+from pagoda.lifeline import Lifeline
 
-STOP_GRACE_S = 30.0
+# How long a child may take to exit beyond the drain grace it was given, before its
+# group is killed (vllm serve gives its engine 5 s too): a worker finishes the step in
+# hand first, and its interpreter's teardown with torch takes a second or two.
+STOP_MARGIN_S = 5.0
 START_TIMEOUT_S = 600.0
 
 FLAGS = (
@@ -60,6 +68,15 @@ FLAGS = (
         help="the workers' kernels: triton on CUDA, torch on CPU for auto",
     ),
     Flag("--seed", type=int, help="seed of the scheduler's request seeds"),
+    Flag(
+        "--drain-grace",
+        type=float,
+        default=0.0,
+        env="PAGODA_DRAIN_GRACE",
+        metavar="SECONDS",
+        help="on SIGTERM, how long open requests may take to finish (0: end them at once, "
+        "as vllm serve's --shutdown-timeout does by default)",
+    ),
     Flag("--log-level", default="info", help="debug, info, warning or error"),
 )
 
@@ -68,10 +85,11 @@ FLAGS = (
 # the rest of a child's command line (its model, addresses, name) is decided here.
 FORWARDED = {
     "scheduler": ("--max-model-len", "--block-size", "--max-num-seqs",
-                  "--max-num-batched-tokens", "--seed", "--log-level"),
+                  "--max-num-batched-tokens", "--seed", "--drain-grace", "--log-level"),
     "worker": ("--dtype", "--max-model-len", "--block-size", "--kv-cache-memory",
-               "--attention-backend", "--log-level"),
-    "gateway": ("--host", "--port", "--grpc-port", "--served-model-name", "--log-level"),
+               "--attention-backend", "--drain-grace", "--log-level"),
+    "gateway": ("--host", "--port", "--grpc-port", "--served-model-name", "--drain-grace",
+                "--log-level"),
 }  # fmt: skip
 
 
@@ -110,13 +128,21 @@ class Child:
 class Stack:
     """The children of one ``pagoda serve``."""
 
-    def __init__(self) -> None:
+    def __init__(self, drain_grace_s: float = 0.0) -> None:
         self.children: list[Child] = []
+        # Each group of children gets this long to exit after its SIGTERM.
+        self.stop_bound_s = max(0.0, drain_grace_s) + STOP_MARGIN_S
+        # Set by a second Ctrl-C or SIGTERM: stop waiting, kill what is left.
+        self.hurry = threading.Event()
+        # Each child watches it (pagoda.lifeline): if this process dies, even by
+        # SIGKILL, every child kills its own process group.
+        self.lifeline = Lifeline()
 
     def start(self, name: str, argv: list[str], patterns: dict[str, re.Pattern], env=None) -> Child:
         cmd = [sys.executable, "-m", "pagoda", *argv]
         proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True,
+            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            env=self.lifeline.child_env(env), pass_fds=self.lifeline.pass_fds, text=True,
             bufsize=1, start_new_session=True,
         )  # fmt: skip
         child = Child(name, proc)
@@ -128,20 +154,34 @@ class Stack:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
     def stop(self) -> None:
-        """Gateway first, then workers, then the scheduler: each drains what it holds."""
+        """Gateway first, then workers, then the scheduler: each drains what it holds
+        (once the gateway is gone nothing is left to run, so the rest exit at once)."""
         order = sorted(self.children, key=lambda c: _STOP_ORDER.get(c.name.split("-")[0], 9))
         for group in _groups(order):
+            running = [c for c in group if c.proc.poll() is None]
+            if running:
+                names = ", ".join(c.name for c in running)
+                print(f"pagoda serve: stopping {names}", file=sys.stderr, flush=True)
+            for child in running:
+                child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_bound_s
             for child in group:
-                if child.proc.poll() is None:
-                    child.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_S
-            for child in group:
-                try:
-                    child.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
+                if not self._wait(child, deadline):
                     _kill_group(child.proc)
         for child in self.children:  # anything a child started and left behind
             _kill_group(child.proc)
+        self.lifeline.close()
+
+    def _wait(self, child: Child, deadline: float) -> bool:
+        """Until ``child`` exits (True), or the deadline or a hurry comes (False)."""
+        while not self.hurry.is_set():
+            try:
+                child.proc.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+                return True
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    return False
+        return child.proc.poll() is not None
 
 
 _STOP_ORDER = {"gateway": 0, "worker": 1, "scheduler": 2}
@@ -195,9 +235,15 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ImportError) as exc:
         print(f"pagoda serve: error: {exc}", file=sys.stderr)
         return 1
-    stack = Stack()
+    stack = Stack(args.drain_grace)
     stopping = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stopping.set()) for s in _SIGNALS}
+
+    def on_signal(*_: object) -> None:
+        if stopping.is_set():  # a second signal: stop waiting for anyone
+            stack.hurry.set()
+        stopping.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in _SIGNALS}
     try:
         _start_all(stack, args, weights, card)
         print(_banner(args), flush=True)
@@ -214,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pagoda serve: error: {exc}", file=sys.stderr)
         return 1
     finally:
+        stopping.set()  # from here on, a signal means: hurry
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

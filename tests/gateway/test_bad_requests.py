@@ -106,6 +106,20 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str | None]] = [
      "messages"),
     ("message without a role", "POST", "/v1/chat/completions",
      {"json": {**M, "messages": [{"content": "Hi"}]}}, 400, "messages"),
+    ("unknown role", "POST", "/v1/chat/completions",
+     {"json": {**M, "messages": [{"role": "wizard", "content": "Hi"}]}}, 400, "messages"),
+    ("tool message without tool_call_id", "POST", "/v1/chat/completions",
+     {"json": {**M, "messages": [{"role": "tool", "content": "42"}]}}, 400, "messages"),
+    ("tokenize an unknown role", "POST", "/tokenize",
+     {"json": {"messages": [{"role": "wizard", "content": "Hi"}]}}, 400, "messages"),
+    ("max_tokens past the context", "POST", "/v1/completions",
+     {"json": {**CMPL, "max_tokens": 10_000_000}}, 400, "max_tokens"),
+    ("prompt and max_tokens over the context by one", "POST", "/v1/completions",
+     {"json": {**M, "prompt": [5] * 12, "max_tokens": 501}}, 400, "max_tokens"),
+    ("max_completion_tokens past the context", "POST", "/v1/chat/completions",
+     {"json": {**CHAT, "max_completion_tokens": 10_000_000}}, 400, "max_completion_tokens"),
+    ("deprecated chat max_tokens past the context", "POST", "/v1/chat/completions",
+     {"json": {**CHAT, "max_tokens": 10_000_000}}, 400, "max_tokens"),
     ("suffix", "POST", "/v1/completions", {"json": {**CMPL, "suffix": "end"}}, 400, "suffix"),
     ("tool_choice auto", "POST", "/v1/chat/completions",
      {"json": {**CHAT, "tools": [], "tool_choice": "auto"}}, 400, "tool_choice"),
@@ -177,6 +191,53 @@ def test_every_malformed_request_gets_its_4xx_and_the_gateway_keeps_serving(
         ok = http.post("/v1/completions", json={**CMPL, "max_tokens": 100})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == REPLIES[0]
     assert "Traceback" not in gateway.log()
+
+
+def _context_message(prompt_tokens: int, max_tokens: int) -> str:
+    return (
+        f"This model's maximum context length is 512 tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
+        "the completion). Please reduce the length of the messages or completion."
+    )
+
+
+def test_max_tokens_past_the_context_is_refused_with_vllms_words(gateway: GatewayProcess) -> None:
+    client = OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL_NAME, prompt=[5] * 12, max_tokens=10_000_000)
+    assert caught.value.body["message"] == _context_message(12, 10_000_000)  # type: ignore[index]
+    assert caught.value.param == "max_tokens"
+    fits = client.completions.create(model=MODEL_NAME, prompt=[5] * 12, max_tokens=500)
+    assert fits.choices[0].finish_reason == "stop"
+
+    messages = CHAT["messages"]
+    rendered = httpx.post(f"{gateway.url}/tokenize", json={"messages": messages}).json()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages,
+            max_completion_tokens=1000,  # type: ignore[arg-type]
+        )
+    assert caught.value.body["message"] == _context_message(rendered["count"], 1000)  # type: ignore[index]
+    assert caught.value.param == "max_completion_tokens"
+    # Without max_tokens, chat generates until the model stops or the context ends.
+    unbounded = client.chat.completions.create(model=MODEL_NAME, messages=messages)  # type: ignore[arg-type]
+    assert unbounded.choices[0].message.content == REPLIES[0]
+
+
+def test_every_openai_role_is_accepted(gateway: GatewayProcess) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": "Answer in English."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "", "tool_calls": []},
+        {"role": "tool", "content": "42", "tool_call_id": "call-1"},
+    ]
+    answer = httpx.post(
+        f"{gateway.url}/v1/chat/completions", json={**M, "messages": messages}, timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == REPLIES[0]
 
 
 def test_unknown_model_is_openais_model_not_found(gateway: GatewayProcess) -> None:

@@ -26,8 +26,9 @@ from tests.gateway.conftest import MODEL_NAME, REPLIES
 from tests.gateway.harness import GatewayProcess
 from tests.gateway.scheduler_double import SchedulerDouble
 
-# About 40 s of the double's steps: only a deadline or an abort ends it sooner.
-ENDLESS = {"model": MODEL_NAME, "max_tokens": 10000, "ignore_eos": True}
+# Most of the 512-token context (seconds of the double's steps): only a deadline or an
+# abort ends it sooner.
+ENDLESS = {"model": MODEL_NAME, "max_tokens": 400, "ignore_eos": True}
 TIMEOUT_S = 0.6
 
 
@@ -90,7 +91,7 @@ def test_the_openai_client_sends_a_timeout_through_extra_body(gateway: GatewayPr
         client.completions.create(
             model=MODEL_NAME,
             prompt="Deadline via extra_body",
-            max_tokens=10000,
+            max_tokens=400,
             extra_body={"ignore_eos": True, "timeout": TIMEOUT_S},
         )
     assert caught.value.status_code == 504
@@ -106,7 +107,7 @@ def test_a_grpc_deadline_travels_and_ends_the_call(
 ) -> None:
     prompt = "Deadline over gRPC"
     request = api_pb2.GenerateRequest(
-        text=prompt, sampling=common_pb2.SamplingParams(max_tokens=10000, ignore_eos=True)
+        text=prompt, sampling=common_pb2.SamplingParams(max_tokens=400, ignore_eos=True)
     )
     with grpc.insecure_channel(gateway.grpc_target) as channel:
         stub = api_pb2_grpc.GenerationStub(channel)
@@ -150,7 +151,7 @@ def test_the_server_default_applies_to_requests_without_a_deadline(
         stub = api_pb2_grpc.GenerationStub(channel)
         endless = api_pb2.GenerateRequest(
             text="Default deadline over gRPC",
-            sampling=common_pb2.SamplingParams(max_tokens=10000, ignore_eos=True),
+            sampling=common_pb2.SamplingParams(max_tokens=400, ignore_eos=True),
         )
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:

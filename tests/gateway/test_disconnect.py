@@ -12,8 +12,8 @@ from tests.gateway.conftest import MODEL_NAME
 from tests.gateway.harness import GatewayProcess
 from tests.gateway.scheduler_double import SchedulerDouble
 
-# A request that would run for about a minute of the double's steps.
-ENDLESS = {"model": MODEL_NAME, "max_tokens": 10000, "ignore_eos": True}
+# A request that runs for most of the 512-token context (seconds of the double's steps).
+ENDLESS = {"model": MODEL_NAME, "max_tokens": 400, "ignore_eos": True}
 
 
 def _request_id(double: SchedulerDouble, tokenizer: Tokenizer, prompt: str) -> str:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -116,9 +117,14 @@ Sampling = common_pb2.SamplingParams
         (_request(sampling=Sampling(logit_bias={5000: 1.0})), INVALID),
         (_request(sampling=Sampling(stop=["x"], detokenize=False)), INVALID),
         (_request(token_ids=api_pb2.TokenIds(ids=[1, 5000])), INVALID),
+        (_request(sampling=Sampling(max_tokens=10_000_000)), INVALID),
+        (_request(token_ids=api_pb2.TokenIds(ids=[5] * 12), sampling=Sampling(max_tokens=501)),
+         INVALID),
+        (api_pb2.GenerateRequest(messages=api_pb2.ChatMessages(
+            messages=[api_pb2.ChatMessage(role="wizard", content="Hi")])), INVALID),
         (_request(model="gpt-9"), grpc.StatusCode.NOT_FOUND),
     ],
-)
+)  # fmt: skip
 def test_bad_input_is_invalid_argument(
     stub: api_pb2_grpc.GenerationStub, request_: api_pb2.GenerateRequest, code: grpc.StatusCode
 ) -> None:
@@ -127,6 +133,23 @@ def test_bad_input_is_invalid_argument(
             call(request_)
         assert caught.value.code() == code, caught.value.details()
         assert caught.value.details()
+
+
+def test_max_tokens_past_the_context_reads_as_over_rest(
+    stub: api_pb2_grpc.GenerationStub, gateway: GatewayProcess
+) -> None:
+    prompt = [5] * 12
+    ids = api_pb2.TokenIds(ids=prompt)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Complete(api_pb2.GenerateRequest(token_ids=ids, sampling=Sampling(max_tokens=600)))
+    rest = httpx.post(
+        f"{gateway.url}/v1/completions", json={"prompt": prompt, "max_tokens": 600}, timeout=10
+    )
+    assert rest.status_code == 400
+    assert caught.value.details() == rest.json()["error"]["message"]
+    assert "you requested 612 tokens (12 in the messages, 600 in the completion)" in rest.text
+    fits = stub.Complete(api_pb2.GenerateRequest(token_ids=ids, sampling=Sampling(max_tokens=500)))
+    assert fits.usage.prompt_tokens == 12 and fits.choices[0].text == REPLIES[0]
 
 
 def test_overload_is_resource_exhausted_with_retry_after(
@@ -144,7 +167,7 @@ def test_overload_is_resource_exhausted_with_retry_after(
 def test_a_cancelled_rpc_aborts_its_request(
     stub: api_pb2_grpc.GenerationStub, double: SchedulerDouble, tokenizer: Tokenizer
 ) -> None:
-    endless = common_pb2.SamplingParams(max_tokens=10000, ignore_eos=True)
+    endless = common_pb2.SamplingParams(max_tokens=400, ignore_eos=True)
     prompt = "Cancel me"
     call = stub.Generate(_request(text=prompt, sampling=endless))
     assert next(call).choices

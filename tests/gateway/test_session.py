@@ -16,7 +16,7 @@ from tests.gateway.conftest import MODEL_NAME, REPLIES
 from tests.gateway.harness import GatewayProcess
 from tests.gateway.scheduler_double import SchedulerDouble
 
-ENDLESS = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 10000, "ignore_eos": True}
+ENDLESS = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 400, "ignore_eos": True}
 
 
 def _complete(gateway: GatewayProcess, **body: object) -> httpx.Response:
