@@ -54,7 +54,12 @@ def gpu_cache_memory(device: torch.device, utilization: float) -> int:
 def allocate(
     model: nn.Module, shape: KVCacheShape, num_blocks: int, block_size: int, device: torch.device
 ) -> torch.Tensor:
-    """One tensor ``[2, layers, blocks, block_size, kv_heads, head_dim]``, bound to the layers."""
+    """One tensor ``[2, layers, blocks, block_size, kv_heads, head_dim]``, bound to the layers.
+
+    Zeros, not ``empty``: writing every page puts the whole cache in memory now, so the
+    worker's memory is what it will be from the start and does not climb as blocks are
+    first used (which would look like a leak).
+    """
     cache = torch.zeros(
         2, shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim,
         dtype=shape.dtype, device=device,
