@@ -2,7 +2,7 @@
 
 It starts a stack of its own (``pagoda scheduler``, one ``pagoda worker`` and ``pagoda
 gateway``, each a process on free loopback ports) with ``pagoda serve``'s defaults: the
-default model (SmolLM2-135M-Instruct, its GGUF) in its own dtype, a 1 GiB KV cache on the
+default model (SmolLM2-135M-Instruct, its GGUF) in float32, a 1 GiB KV cache on the
 CPU, 256 sequences at once (``--model tiny``: the tests' tiny random Llama instead). Then
 it sends ``--waves`` waves of ``--streams`` streams at once: REST SSE ``/v1/completions``
 streams and (a ``--grpc`` fraction) gRPC ``Generate`` streams, each of random words
