@@ -171,7 +171,19 @@ class ChatCompletionRequest(SamplingRequest):
 class TokenizeRequest(BaseModel):
     """``POST /tokenize``: a prompt, or messages to render with the chat template."""
 
-    model_config = ConfigDict(extra="ignore")
+    # Exactly one of the two, as the route checks; the schema says so, so that clients
+    # and fuzzers built from it send what is accepted.
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"],
+                 "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+                {"required": ["messages"],
+                 "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}},
+            ]
+        },
+    )  # fmt: skip
 
     model: str | None = None
     prompt: str | None = None

@@ -45,8 +45,10 @@ def test_every_page_of_the_kv_cache_is_resident_after_start_up(tmp_path):
 
 
 def test_resident_fraction_sees_untouched_pages():
-    """The check itself: a fresh 64 MiB allocation is mostly not resident until written."""
-    untouched = torch.empty(64 << 20, dtype=torch.uint8)
+    """The check itself: a fresh anonymous mapping is not resident until written. (A
+    ``torch.empty`` tensor may reuse pages the allocator already touched.)"""
+    region = mmap.mmap(-1, 64 << 20)
+    untouched = torch.frombuffer(region, dtype=torch.uint8)
     assert resident_fraction(untouched) < 0.5
     untouched.fill_(1)
     assert resident_fraction(untouched) == 1.0
