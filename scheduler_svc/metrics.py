@@ -57,15 +57,14 @@ class _SnapshotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snapshot = self._metrics.snapshot
         stats = snapshot.stats
-        holding = [r for r in stats.replicas if _holds_blocks(r)]
-        blocks = sum(r.num_blocks for r in holding)
-        used = sum(r.num_blocks - r.num_free_blocks for r in holding)
-        yield from self._vllm(stats, blocks, used / blocks if blocks else 0.0)
+        load = load_of(stats)
+        blocks = sum(r.num_blocks for r in stats.replicas if _holds_blocks(r))
+        yield from self._vllm(load, blocks)
         live = [r for r in stats.replicas if r.state == ACTIVE]
         yield _gauge(
             "pagoda_replicas_live",
             "Replicas taking new work (registered, not draining).",
-            len(live),
+            load.num_live_replicas,
         )
         yield _gauge(
             "pagoda_capacity_blocks",
@@ -96,14 +95,16 @@ class _SnapshotCollector(Collector):
         )
         yield from _replica_metrics(stats)
 
-    def _vllm(
-        self, stats: session_pb2.StatsResponse, blocks: int, usage: float
-    ) -> Iterator[Metric]:
+    def _vllm(self, load: session_pb2.SchedulerLoad, blocks: int) -> Iterator[Metric]:
         labels = ["model_name"]
         for name, doc, value in (
-            ("vllm:num_requests_waiting", "Sequences waiting to be scheduled.", stats.num_waiting),
-            ("vllm:num_requests_running", "Sequences running on some replica.", stats.num_running),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage over all live replicas, 0..1.", usage),
+            ("vllm:num_requests_waiting", "Sequences waiting to be scheduled.", load.num_waiting),
+            ("vllm:num_requests_running", "Sequences running on some replica.", load.num_running),
+            (
+                "vllm:kv_cache_usage_perc",
+                "KV-cache usage over all live replicas, 0..1.",
+                load.kv_cache_usage,
+            ),
         ):
             family = GaugeMetricFamily(name, doc, labels=labels)
             family.add_metric([self._model], value)
@@ -148,6 +149,20 @@ def _replica_metrics(stats: session_pb2.StatsResponse) -> Iterator[Metric]:
     yield kv
     yield running
     yield hit_rate
+
+
+def load_of(stats: session_pb2.StatsResponse) -> session_pb2.SchedulerLoad:
+    """The figures shown under vLLM's names, here and (sent down the sessions) on every
+    gateway: one definition, so both say the same."""
+    holding = [r for r in stats.replicas if _holds_blocks(r)]
+    blocks = sum(r.num_blocks for r in holding)
+    used = sum(r.num_blocks - r.num_free_blocks for r in holding)
+    return session_pb2.SchedulerLoad(
+        num_waiting=stats.num_waiting,
+        num_running=stats.num_running,
+        kv_cache_usage=used / blocks if blocks else 0.0,
+        num_live_replicas=sum(1 for r in stats.replicas if r.state == ACTIVE),
+    )
 
 
 def _holds_blocks(replica: session_pb2.ReplicaStats) -> bool:

@@ -29,9 +29,8 @@ from pagoda.probes import ProbeServer
 from pagoda.v1 import session_pb2, session_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.kv_events import KvEventPublisher
-from scheduler_svc.metrics import SchedulerMetrics, Snapshot
+from scheduler_svc.metrics import SchedulerMetrics, Snapshot, load_of
 from scheduler_svc.registration import Expected
-from scheduler_svc.replicas import ACTIVE
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sessions import SessionHub
 from scheduler_svc.settings import ServiceSettings, host_port
@@ -242,21 +241,9 @@ class SchedulerService:
         return self._serving and not self.draining
 
     def load(self) -> session_pb2.SchedulerLoad:
-        """The figures every gateway shows under vLLM's names: cheap enough for each tick
-        (a sum over the replicas), and never computed in the step loop."""
-        core = self.core
-        blocks = used = 0
-        for replica_id in core.replica_ids:
-            pool = core.replica(replica_id).blocks
-            blocks += pool.num_blocks
-            used += pool.num_blocks - pool.num_free_blocks
-        live = sum(1 for h in self.workers.table.live.values() if h.state == ACTIVE)
-        return session_pb2.SchedulerLoad(
-            num_waiting=core.num_waiting,
-            num_running=core.num_running,
-            kv_cache_usage=used / blocks if blocks else 0.0,
-            num_live_replicas=live,
-        )
+        """The figures every gateway shows under vLLM's names, from the same stats as
+        this scheduler's /metrics; computed in the tick, never in the step loop."""
+        return load_of(self.stats())
 
     def refresh_metrics(self) -> None:
         self.metrics.snapshot = Snapshot(self.stats(), self.stalled)
