@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import platform
 import random
 import signal
 import sys
@@ -43,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
 import httpx  # noqa: E402
+from _machine import cpu_model  # noqa: E402  (beside this file)
 
 from pagoda.v1 import api_pb2, api_pb2_grpc, common_pb2  # noqa: E402
 from tests.e2e.stack import Gateway, Process, Scheduler, Worker, tiny_model  # noqa: E402
@@ -256,17 +256,6 @@ async def wave(stack: Stack, args: argparse.Namespace, rng: random.Random) -> li
 
 
 # -- main ----------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU's model name (as lscpu shows it), which a figure must be quoted with."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args() -> argparse.Namespace:
