@@ -26,7 +26,7 @@ from worker_svc.cuda_graphs import DEFAULT_MAX_BATCH, DecodeGraphs
 from worker_svc.layers import cpu_gemm
 from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.loader import is_gguf, load_model
-from worker_svc.memory import keep_freed_memory
+from worker_svc.memory import keep_freed_memory, release_freed_memory
 from worker_svc.sampling import Sampler, prompt_logprobs
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
@@ -180,6 +180,7 @@ class ModelRunner:
     def execute(self, plan: step_pb2.StepPlan) -> step_pb2.StepResult:
         start = time.perf_counter()
         result = step_pb2.StepResult(replica_id=plan.replica_id, epoch=plan.epoch, step=plan.step)
+        was_busy = bool(self.seqs)
         try:
             batch = self._apply(plan)
         except PlanError as e:
@@ -188,6 +189,8 @@ class ModelRunner:
             return result
         if batch:
             self._run(batch, result)
+        elif was_busy and not self.seqs and self.device.type == "cpu":
+            release_freed_memory()  # idle now: the last load's free heap goes back
         result.compute_seconds = time.perf_counter() - start
         return result
 

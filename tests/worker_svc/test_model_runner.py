@@ -123,3 +123,18 @@ def test_warm_up_leaves_the_state_and_the_answers_as_they_were(tmp_path):
             sched.update(result)
         tokens.append(out)
     assert tokens[0] == tokens[1] and sum(len(t) for _, t in tokens[0]) == 18
+
+
+def test_the_runner_gives_memory_back_once_when_it_goes_idle(runner, scheduler, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        "worker_svc.model_runner.release_freed_memory", lambda: calls.append(len(runner.seqs))
+    )
+    steps = 0
+    while (plan := scheduler.schedule(3, 0)) is not None:
+        result = runner.execute(plan)
+        assert not result.error.kind
+        scheduler.update(result)
+        steps += 1
+        assert calls == ([0] if not runner.seqs else []), (steps, calls)
+    assert steps > 8 and calls == [0], "released once, with nothing left to run"

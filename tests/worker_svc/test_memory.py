@@ -1,0 +1,37 @@
+"""The worker keeps freed heap while busy and gives it back when it goes idle."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+import pytest
+
+from worker_svc.memory import keep_freed_memory, release_freed_memory
+
+CHUNK = 64 << 10  # below glibc's mmap threshold: served from the heap
+TOTAL = 256 << 20
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_freed_heap_stays_until_it_is_released():
+    assert keep_freed_memory(), "glibc's mallopt should be found on Linux"
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    chunks = [libc.malloc(CHUNK) for _ in range(TOTAL // CHUNK)]
+    assert all(chunks)
+    for chunk in chunks:
+        ctypes.memset(chunk, 1, CHUNK)
+    for chunk in reversed(chunks):
+        libc.free(chunk)
+    kept = rss_bytes()
+    assert release_freed_memory()
+    released = rss_bytes()
+    assert kept - released > TOTAL // 2, (kept, released)
