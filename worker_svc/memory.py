@@ -9,7 +9,7 @@ in the process for the next step. It changes nothing where the allocator is not
 glibc's.
 
 The cost of keeping it is that a worker which has gone idle still holds the peak of
-its last load: a busy wave left 140–190 MB free in the heap. So the runner gives it
+its last load: a busy wave left 140 to 190 MB free in the heap. So the runner gives it
 back once, when it holds no sequence any more (``release_freed_memory``); the next
 load faults its pages in again, once.
 """
