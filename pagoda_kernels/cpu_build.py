@@ -187,6 +187,10 @@ def build(variant: Isa) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
             return path
+        log.info(
+            "the %s CPU kernels are not built yet; compiling them now (about a minute; "
+            "`python -m pagoda_kernels.cpu_build` does it ahead of time)", variant.name,
+        )  # fmt: skip
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         start = time.monotonic()
         done = subprocess.run(_command(variant, partial), capture_output=True, text=True)
@@ -204,12 +208,6 @@ def build(variant: Isa) -> Path:
 def load(name: str) -> object:
     """``torch.ops.<namespace>`` of variant ``name``, built first if needed."""
     variant = isa(name)
-    path = library_path(variant)
-    if not path.exists():
-        log.info(
-            "the %s CPU kernels are not built yet; compiling them now (about a minute; "
-            "`python -m pagoda_kernels.cpu_build` does it ahead of time)", variant.name,
-        )  # fmt: skip
     torch.ops.load_library(str(build(variant)))
     from pagoda_kernels import cpu_ops  # the fake kernels, for torch.compile
 

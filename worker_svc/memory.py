@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from functools import cache
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -25,8 +26,13 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit systems
 _TRIM_THRESHOLD = 1 << 30
 
 
+@cache
 def _libc_function(name: str):
-    """glibc's ``name``, or None where the C library is not found or lacks it."""
+    """glibc's ``name``, or None where the C library is not found or lacks it.
+
+    Looked up once: ``find_library`` runs ``ldconfig``, and the runner asks for
+    ``malloc_trim`` each time it goes idle.
+    """
     path = ctypes.util.find_library("c")
     if path is None:
         return None
