@@ -195,6 +195,7 @@ def pagoda_engine(spec: dict) -> dict[str, Any]:
         kv_cache_memory=spec["kv_cache_bytes"],
         seed=spec["seed"],
         compile=spec["compile"],
+        attention_backend=spec.get("attention_backend", "auto"),
     )
     load_s = time.perf_counter() - t0
 
@@ -208,6 +209,7 @@ def pagoda_engine(spec: dict) -> dict[str, Any]:
     return {
         **timings,
         "load_s": load_s,
+        "backend": llm.runner.ops.describe(),
         "torch_threads": torch.get_num_threads(),
         "versions": versions("pagoda", "torch", "transformers"),
     }
@@ -327,6 +329,7 @@ def summarize(raw: dict[str, Any], num_prompts: int, input_len: int, output_len:
         "wall_s_runs": [round(s, 3) for s in raw["batch_s"]],
         "torch_threads": raw.get("torch_threads"),
         "load_s": round(raw["load_s"], 1) if "load_s" in raw else None,
+        **({"backend": raw["backend"]} if "backend" in raw else {}),
         "process_s": raw.get("process_s"),
         "versions": raw.get("versions"),
     } | ({"env": raw["env"]} if "env" in raw else {})
@@ -348,6 +351,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0, help="for the prompts and the engines")
     p.add_argument("--compile", default="off", choices=["off", "on", "both"], help="pagoda")
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="pagoda's kernels, comma-separated to run each (e.g. torch,cpu): %(default)s",
+    )
     p.add_argument("--vllm-python", type=Path, default=None, help="default: $ANCHOR_DIR/venv")
     p.add_argument(
         "--vllm-untuned", action="store_true", help="vLLM's own thread and allocator defaults"
@@ -415,10 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     for engine in args.engines:
         if engine == "pagoda":
             modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-            for compiled in modes:
-                raw = run_engine(me + ["--worker", "pagoda"], dict(spec, compile=compiled))
-                line = {"engine": "pagoda", "compile": compiled, **common}
-                print(json.dumps(line | summarize(raw, n, length, m)), flush=True)
+            for backend in args.attention_backend.split(","):
+                for compiled in modes:
+                    run = dict(spec, compile=compiled, attention_backend=backend)
+                    raw = run_engine(me + ["--worker", "pagoda"], run)
+                    line = {"engine": "pagoda", "compile": compiled, **common}
+                    print(json.dumps(line | summarize(raw, n, length, m)), flush=True)
             if args.stack == "split":
                 raw = run_engine(me + ["--worker", "pagoda_split"], spec)
                 line = {"engine": "pagoda", "stack": "split", **common}

@@ -4,23 +4,29 @@ Every backend provides the same functions with the same signatures; the model's
 layers call them through an :class:`Ops` so that choosing a backend is one
 argument (``attention_backend``) rather than a branch in every layer.
 
-``torch`` is the reference and the CPU path. ``triton`` runs the Triton kernels: on
-CUDA tensors compiled, and on CPU tensors only under Triton's interpreter
-(``TRITON_INTERPRET=1``), which is how they are tested without a GPU. ``auto``
-takes Triton on CUDA and torch elsewhere. The Triton modules are imported only
-when that backend is asked for, so a CPU worker never pays for importing triton.
+``torch`` is the reference: what every kernel is tested against. ``cpu`` runs
+pagoda's C++ extension (``cpu_build.py``), the variant for this CPU's instruction
+set. ``triton`` runs the Triton kernels: on CUDA tensors compiled, and on CPU tensors
+only under Triton's interpreter (``TRITON_INTERPRET=1``), which is how they are tested
+without a GPU. ``auto`` takes Triton on CUDA and ``cpu`` elsewhere, or torch where
+the extension cannot be built here (no compiler; said once in the log). The Triton
+modules are imported only when that backend is asked for, so a CPU worker never pays
+for importing triton.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 import torch
 
 from pagoda_kernels import activation, attention, norm, rotary
 from pagoda_kernels import cache as kv_cache
+
+log = logging.getLogger("pagoda.kernels")
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,10 @@ class Ops:
     rms_norm: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[..., torch.Tensor]
+    variant: str = ""  # which build of the backend, e.g. the CPU instruction set
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.variant})" if self.variant else self.name
 
 
 TORCH = Ops(
@@ -63,7 +73,42 @@ def triton_ops() -> Ops:
     )
 
 
-_BACKENDS: dict[str, Callable[[], Ops]] = {"torch": lambda: TORCH, "triton": triton_ops}
+@cache
+def cpu_kernel_ops() -> Ops:
+    """The C++ kernels for this CPU (built first if missing; raises BuildError if it cannot)."""
+    from pagoda_kernels import cpu_build, cpu_ops
+
+    variant = cpu_build.chosen_isa()
+    ops = cpu_build.load(variant.name)
+    return Ops(
+        name="cpu",
+        reshape_and_cache=partial(cpu_ops.reshape_and_cache, ops),
+        paged_attention_decode=partial(cpu_ops.paged_attention_decode, ops),
+        paged_attention_prefill=partial(cpu_ops.paged_attention_prefill, ops),
+        rms_norm=partial(cpu_ops.rms_norm, ops),
+        rotary_embedding=partial(cpu_ops.rotary_embedding, ops),
+        silu_and_mul=partial(cpu_ops.silu_and_mul, ops),
+        variant=variant.name,
+    )
+
+
+@cache
+def _cpu_or_reference() -> Ops:
+    """``cpu`` where the extension builds and loads here, else the torch reference."""
+    from pagoda_kernels.cpu_build import BuildError
+
+    try:
+        return cpu_kernel_ops()
+    except (BuildError, OSError, RuntimeError) as e:
+        log.warning("the CPU kernels are unavailable, using the torch reference ops: %s", e)
+        return TORCH
+
+
+_BACKENDS: dict[str, Callable[[], Ops]] = {
+    "torch": lambda: TORCH,
+    "cpu": cpu_kernel_ops,
+    "triton": triton_ops,
+}
 
 
 def available_backends() -> list[str]:
@@ -82,6 +127,8 @@ def get_ops(backend: str = "auto", device: torch.device | str = "cpu") -> Ops:
     """The ops for ``backend``; ``auto`` picks the fastest one available for ``device``."""
     device = torch.device(device)
     if backend == "auto":
+        if device.type == "cpu":
+            return _cpu_or_reference()
         backend = "triton" if device.type == "cuda" and triton_available() else "torch"
     try:
         make = _BACKENDS[backend]
@@ -90,6 +137,8 @@ def get_ops(backend: str = "auto", device: torch.device | str = "cpu") -> Ops:
             f"unknown attention backend {backend!r}; available: auto, "
             + ", ".join(available_backends())
         ) from None
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"the cpu backend runs on CPU tensors, not {device.type}")
     if backend == "triton":
         from pagoda_kernels.triton_support import INTERPRET
 

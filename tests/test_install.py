@@ -71,7 +71,7 @@ import importlib.metadata, pathlib, sys
 import transformers.integrations.hub_kernels
 import kernels
 from pagoda_kernels.dispatch import get_ops
-assert get_ops("auto", "cpu").name == "torch"
+assert get_ops("auto", "cpu").name in ("cpu", "torch")
 dist = importlib.metadata.distribution("kernels")
 here = pathlib.Path(kernels.__file__).resolve()
 assert here.is_relative_to(pathlib.Path(dist.locate_file("")).resolve()), here

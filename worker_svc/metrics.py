@@ -35,4 +35,11 @@ class WorkerMetrics:
         self.step_running = Gauge(
             "pagoda_worker_step_running", "1 while a step is being computed.", registry=r
         )
+        self.kernels = Gauge(
+            "pagoda_worker_kernels",
+            "1 for the kernels the model runs on (e.g. 'cpu (avx512_bf16)', or 'torch' where "
+            "the CPU extension could not be built).",
+            ["backend"],
+            registry=r,
+        )
         self.tokens = Counter("pagoda_worker_tokens", "Tokens sampled.", registry=r)

@@ -126,6 +126,11 @@ class ModelRunner:
         self.epoch = 0
         self.last_step = 0
 
+    @property
+    def kernels(self) -> str:
+        """Which kernels the model runs on, for the log and ``/metrics``."""
+        return self.ops.describe()
+
     def _decode_graphs(self, max_batch: int) -> DecodeGraphs:
         if self.device.type != "cuda" or self.ops.name != "triton":
             raise ValueError(

@@ -149,8 +149,8 @@ FLAGS = (
     Flag(
         "--attention-backend",
         default="auto",
-        choices=["auto", "torch", "triton"],
-        help="attention kernels; auto: triton on CUDA, torch elsewhere",
+        choices=["auto", "cpu", "torch", "triton"],
+        help="kernels; auto: triton on CUDA, cpu (C++, torch if it cannot build) elsewhere",
     ),
     Flag("--compile", action="store_true", help="torch.compile the model"),
     Flag(

@@ -151,7 +151,9 @@ class WorkerService:
     def _warm_up(self, runner: Runner) -> None:
         """Warm the runner up before the Hello, so a registered replica steps at once."""
         worker_id = self.settings.worker_id
-        log.info("worker %s warming up", worker_id)
+        kernels = getattr(runner, "kernels", "unknown")
+        self.metrics.kernels.labels(kernels).set(1)
+        log.info("worker %s warming up; kernels: %s", worker_id, kernels)
         start = time.monotonic()
         num_tokens = runner.warm_up()
         log.info(

@@ -64,8 +64,8 @@ FLAGS = (
     Flag(
         "--attention-backend",
         default="auto",
-        choices=["auto", "torch", "triton"],
-        help="the workers' kernels: triton on CUDA, torch on CPU for auto",
+        choices=["auto", "cpu", "torch", "triton"],
+        help="the workers' kernels; auto: triton on CUDA, cpu (C++) on CPU",
     ),
     Flag("--seed", type=int, help="seed of the scheduler's request seeds"),
     Flag(

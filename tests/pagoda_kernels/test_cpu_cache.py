@@ -6,16 +6,7 @@ import pytest
 import torch
 
 from pagoda_kernels import cache, cpu_build, cpu_ops
-
-VARIANTS = [isa.name for isa in cpu_build.runnable_isas()]
-
-
-@pytest.fixture(scope="module", params=VARIANTS)
-def ops(request):
-    try:
-        return cpu_build.load(request.param)
-    except cpu_build.BuildError as e:
-        pytest.fail(f"the CPU extension should build here: {e}")
+from tests.pagoda_kernels.conftest import VARIANTS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
+from pagoda_kernels import cpu_build, dispatch
 from pagoda_kernels.activation import silu_and_mul
 from pagoda_kernels.dispatch import TORCH, available_backends, get_ops
 from pagoda_kernels.norm import rms_norm
@@ -89,8 +90,26 @@ def test_silu_and_mul():
     torch.testing.assert_close(silu_and_mul(x), torch.nn.functional.silu(x[:, :6]) * x[:, 6:])
 
 
-def test_dispatch_picks_torch_on_cpu_and_rejects_unknown_backends():
-    assert get_ops("auto", "cpu") is TORCH and get_ops("torch") is TORCH
-    assert "torch" in available_backends()
+def test_dispatch_picks_the_cpu_kernels_on_cpu_and_rejects_unknown_backends():
+    auto = get_ops("auto", "cpu")
+    assert auto.name == "cpu" and auto.variant == cpu_build.chosen_isa().name
+    assert get_ops("cpu") is auto and get_ops("torch") is TORCH
+    assert {"cpu", "torch"} <= set(available_backends())
+    with pytest.raises(ValueError, match="runs on CPU tensors"):
+        get_ops("cpu", "cuda")
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         get_ops("flash")
+
+
+def test_auto_falls_back_to_torch_where_the_extension_cannot_build(monkeypatch, caplog):
+    def no_compiler():
+        raise cpu_build.BuildError("no C++ compiler (g++)")
+
+    monkeypatch.setattr(dispatch, "cpu_kernel_ops", no_compiler)
+    dispatch._cpu_or_reference.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="pagoda.kernels"):
+            assert get_ops("auto", "cpu") is TORCH
+        assert "no C++ compiler" in caplog.text
+    finally:
+        dispatch._cpu_or_reference.cache_clear()

@@ -243,6 +243,8 @@ def test_metrics_follow_the_steps(started: Started, scheduler: ScriptedScheduler
     assert after[("pagoda_worker_running_sequences", ())] == 2
     assert after[("pagoda_worker_kv_blocks", ())] == NUM_KV_BLOCKS
     assert after[("pagoda_worker_registered", ())] == 1
+    kernels = [dict(labels)["backend"] for name, labels in after if name == "pagoda_worker_kernels"]
+    assert len(kernels) == 1 and kernels[0].startswith("cpu ("), kernels
 
 
 def test_stale_epochs_and_step_gaps_are_refused_without_compute(
