@@ -26,7 +26,7 @@ from worker_svc.cuda_graphs import DEFAULT_MAX_BATCH, DecodeGraphs
 from worker_svc.layers import cpu_gemm
 from worker_svc.layers.attention import AttentionMetadata
 from worker_svc.loader import is_gguf, load_model
-from worker_svc.memory import keep_freed_memory, release_freed_memory
+from worker_svc.memory import cap_onednn_cache, keep_freed_memory, release_freed_memory
 from worker_svc.sampling import Sampler, prompt_logprobs
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
@@ -90,6 +90,7 @@ class ModelRunner:
         self.device = _resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
+            cap_onednn_cache()
         self.ops = get_ops(attention_backend, self.device)
         self.model, self.config, self.dtype = load_model(
             model, dtype, self.device, self.ops, show_progress=show_progress

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +37,18 @@ def test_freed_heap_stays_until_it_is_released():
     assert release_freed_memory()
     released = rss_bytes()
     assert kept - released > TOTAL // 2, (kept, released)
+
+
+@pytest.mark.parametrize(("given", "want"), [(None, "64"), ("16", "16")])
+def test_onednn_cache_is_capped_unless_the_operator_says_otherwise(given, want):
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if given is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
+    code = (
+        "import os; from worker_svc.memory import cap_onednn_cache\n"
+        "print(cap_onednn_cache(), os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == [want, want]
