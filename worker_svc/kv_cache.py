@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from worker_svc.layers.attention import Attention
+from worker_svc.memory import advise_huge_pages
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,17 @@ def allocate(
 ) -> torch.Tensor:
     """One tensor ``[2, layers, blocks, block_size, kv_heads, head_dim]``, bound to the layers.
 
-    Zeros, not ``empty``: writing every page puts the whole cache in memory now, so the
+    Zeroed at once: writing every page puts the whole cache in memory now, so the
     worker's memory is what it will be from the start and does not climb as blocks are
-    first used (which would look like a leak).
+    first used (which would look like a leak). On a CPU the pages are huge ones where
+    the kernel grants them (``advise_huge_pages``), asked for before that first write.
     """
-    cache = torch.zeros(
+    cache = torch.empty(
         2, shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim,
         dtype=shape.dtype, device=device,
     )  # fmt: skip
+    advise_huge_pages(cache)
+    cache.zero_()
     for i, layer in enumerate(attention_layers(model)):
         layer.k_cache = cache[0, i]
         layer.v_cache = cache[1, i]

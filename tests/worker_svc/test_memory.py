@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from worker_svc.memory import keep_freed_memory, release_freed_memory
+from worker_svc.memory import advise_huge_pages, keep_freed_memory, release_freed_memory
 
 CHUNK = 64 << 10  # below glibc's mmap threshold: served from the heap
 TOTAL = 256 << 20
@@ -52,3 +52,36 @@ def test_onednn_cache_is_capped_unless_the_operator_says_otherwise(given, want):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == [want, want]
+
+
+def huge_pages_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+def anon_huge_kib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(huge_pages_mode() not in ("madvise", "always"), reason="no THP here")
+def test_the_kv_cache_gets_huge_pages():
+    import torch
+
+    before = anon_huge_kib()
+    cache = torch.empty(64 << 20, dtype=torch.uint8)
+    assert advise_huge_pages(cache)
+    cache.zero_()
+    assert anon_huge_kib() - before >= 32 << 10  # at least half of it, in KiB
+
+
+def test_huge_pages_are_not_asked_for_a_range_smaller_than_one():
+    import torch
+
+    assert not advise_huge_pages(torch.empty(4096, dtype=torch.uint8))

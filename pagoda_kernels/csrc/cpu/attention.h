@@ -28,10 +28,13 @@ struct Rows {
   std::vector<float> acc;    // [count][dp] weighted sum of values, not yet divided by sum
   std::vector<float> max;    // [count] largest score so far
   std::vector<float> sum;    // [count] sum of exp(score - max) so far
+  std::vector<const void*> raw;  // [count] each query as given (bf16 dot products read it)
+  float scale = 1.f;             // what q is scaled by
 
   void reset(int64_t n, int64_t dp) {
     count = n;
     q.resize(n * dp);
+    raw.resize(n);
     pos.resize(n);
     acc.assign(n * dp, 0.f);
     max.assign(n, -std::numeric_limits<float>::infinity());
@@ -59,6 +62,8 @@ struct BlockScratch {
 
 // The longest head, in vectors, that the kernels keep in registers (256 floats).
 constexpr int kMaxVectors = 256 / kLanes;
+// The most query rows one task attends with (a prefill tile, or a decode's group).
+constexpr int64_t kMaxRows = 64;
 
 // Folds keys [j0, j0 + n) (all in one block) into every row's softmax state. NV is the
 // head size in vectors when known at compile time (the usual sizes), else 0 and nv says.
@@ -131,14 +136,195 @@ void attend_block(Rows& rows, const PagedHead<T>& head, int64_t block, int64_t j
   }
 }
 
+// NV vectors of float from src (NV * kLanes elements).
+template <typename T, int NV>
+inline void load_floats(const T* src, Vec* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int i = 0; i < NV; ++i) out[i] = Vec::loadu(src + i * kLanes);
+  } else {
+    using TVec = at::vec::Vectorized<T>;
+    for (int i = 0; i + 1 < NV; i += 2) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(TVec::loadu(src + i * kLanes));
+      out[i] = lo;
+      out[i + 1] = hi;
+    }
+    if constexpr (NV % 2 == 1) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(TVec::loadu(src + (NV - 1) * kLanes, kLanes));
+      out[NV - 1] = lo;
+    }
+  }
+}
+
+// Registers the value accumulators may take: a group of rows shares each converted value.
+constexpr int kAccRegisters = kLanes == 16 ? 16 : 8;
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+// Whether the scores of a bf16 head of NV vectors come from the CPU's bf16 dot products
+// (unscaled, straight from the raw query and keys) rather than from float copies.
+template <typename T, int NV>
+constexpr bool kRawDot = kBf16Dot && std::is_same_v<T, c10::BFloat16> && NV % 2 == 0;
+
+// The rows' products with kLanes keys starting at `key` (m of them real), per lane:
+// s.parts[r * kLanes + j] sums to row r's score of key j.
+template <typename T, int NV>
+inline void block_scores(const Rows& rows, const PagedHead<T>& head, int64_t key, int64_t m,
+                         BlockScratch& s) {
+  constexpr int64_t dp = NV * kLanes;
+#if defined(__AVX512BF16__)
+  if constexpr (kRawDot<T, NV>) {
+    // bf16 pairs multiplied and summed in float by the CPU itself: no conversion, and a
+    // group of queries held in registers across the keys.
+    constexpr int kPairs = NV / 2;
+    constexpr int kRows = std::max(1, 16 / kPairs);
+    for (int64_t r0 = 0; r0 < rows.count; r0 += kRows) {
+      const int64_t rc = std::min<int64_t>(kRows, rows.count - r0);
+      __m512i qv[kRows][kPairs];
+      for (int g = 0; g < kRows && g < rc; ++g) {
+        const T* q = static_cast<const T*>(rows.raw[r0 + g]);
+        for (int i = 0; i < kPairs; ++i) qv[g][i] = _mm512_loadu_si512(q + 2 * i * kLanes);
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        const T* k = head.k + (key + j) * head.token_stride;
+        __m512i kv[kPairs];
+        for (int i = 0; i < kPairs; ++i) kv[i] = _mm512_loadu_si512(k + 2 * i * kLanes);
+        for (int g = 0; g < kRows && g < rc; ++g) {
+          __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qv[g][0], (__m512bh)kv[0]);
+          for (int i = 1; i < kPairs; ++i) {
+            a = _mm512_dpbf16_ps(a, (__m512bh)qv[g][i], (__m512bh)kv[i]);
+          }
+          s.parts[(r0 + g) * kLanes + j] = a;
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < m; ++j) {
+    Vec kf[NV];
+    load_floats<T, NV>(head.k + (key + j) * head.token_stride, kf);
+    for (int64_t r = 0; r < rows.count; ++r) {
+      const float* q = rows.q.data() + r * dp;
+      Vec a = Vec::loadu(q) * kf[0];
+      for (int i = 1; i < NV; ++i) a = at::vec::fmadd(Vec::loadu(q + i * kLanes), kf[i], a);
+      s.parts[r * kLanes + j] = a;
+    }
+  }
+}
+
+// attend_block for a head of exactly NV vectors: keys and values go from the cache into
+// registers, and groups of rows accumulate in registers.
+template <typename T, int NV>
+void attend_block_fast(Rows& rows, const PagedHead<T>& head, int64_t block, int64_t j0,
+                       int64_t n, int64_t window, BlockScratch& s) {
+  constexpr int64_t dp = NV * kLanes;
+  constexpr int kGroup = std::max(1, kAccRegisters / NV);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t np = round_up(n);
+  const int64_t first = head.table[block] * head.block_size + (j0 - block * head.block_size);
+  for (int64_t c = 0; c < np; c += kLanes) {
+    const int64_t m = std::min<int64_t>(kLanes, n - c);
+    block_scores<T, NV>(rows, head, first + c, m, s);
+    const Vec scale(kRawDot<T, NV> ? rows.scale : 1.f);
+    for (int64_t r = 0; r < rows.count; ++r) {
+      for (int64_t j = m; j < kLanes; ++j) s.parts[r * kLanes + j] = Vec(0.f);
+      (lane_sums(s.parts.data() + r * kLanes) * scale).store(s.scores.data() + r * np + c);
+    }
+  }
+  float alpha[kMaxRows];
+  bool seen[kMaxRows];
+  for (int64_t r = 0; r < rows.count; ++r) {
+    float* sc = s.scores.data() + r * np;
+    const int64_t p = rows.pos[r];
+    const bool all_visible = j0 + n - 1 <= p && (window <= 0 || p - j0 < window);
+    if (!all_visible) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t key = j0 + j;
+        if (key > p || (window > 0 && p - key >= window)) sc[j] = neg_inf;
+      }
+    }
+    std::fill(sc + n, sc + np, neg_inf);
+    Vec top(neg_inf);
+    for (int64_t i = 0; i < np; i += kLanes) top = at::vec::maximum(top, Vec::loadu(sc + i));
+    const float block_max = hmax(top);
+    seen[r] = block_max != neg_inf;
+    if (!seen[r]) {
+      std::fill(sc, sc + np, 0.f);
+      alpha[r] = 1.f;
+      continue;
+    }
+    const float new_max = std::max(rows.max[r], block_max);
+    alpha[r] = std::exp(rows.max[r] - new_max);
+    Vec total(0.f);
+    for (int64_t i = 0; i < np; i += kLanes) {
+      Vec e = (Vec::loadu(sc + i) - Vec(new_max)).exp_u20();
+      e.store(sc + i);
+      total = total + e;
+    }
+    rows.sum[r] = rows.sum[r] * alpha[r] + hsum(total);
+    rows.max[r] = new_max;
+  }
+  for (int64_t r0 = 0; r0 < rows.count; r0 += kGroup) {
+    const int64_t rc = std::min<int64_t>(kGroup, rows.count - r0);
+    Vec acc[kGroup][NV];
+    for (int g = 0; g < kGroup; ++g) {
+      if (g >= rc) break;
+      const float* a = rows.acc.data() + (r0 + g) * dp;
+      for (int i = 0; i < NV; ++i) acc[g][i] = Vec::loadu(a + i * kLanes) * Vec(alpha[r0 + g]);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      Vec v[NV];
+      load_floats<T, NV>(head.v + (first + j) * head.token_stride, v);
+      for (int g = 0; g < kGroup; ++g) {
+        if (g >= rc) break;
+        const Vec w(s.scores[(r0 + g) * np + j]);
+        for (int i = 0; i < NV; ++i) acc[g][i] = at::vec::fmadd(w, v[i], acc[g][i]);
+      }
+    }
+    for (int g = 0; g < kGroup; ++g) {
+      if (g >= rc) break;
+      float* a = rows.acc.data() + (r0 + g) * dp;
+      for (int i = 0; i < NV; ++i) acc[g][i].store(a + i * kLanes);
+    }
+  }
+}
+
+// Asks for a block's keys and values of this head ahead of use: at decode sizes the
+// cache does not stay in the CPU's caches from one layer to the next, and blocks lie
+// anywhere, so the hardware cannot guess the next one.
+template <typename T>
+inline void prefetch_block(const PagedHead<T>& head, int64_t block) {
+  const int64_t bytes = head.dim * static_cast<int64_t>(sizeof(T));
+  const int64_t first = head.table[block] * head.block_size;
+  for (int64_t j = 0; j < head.block_size; ++j) {
+    const char* k = reinterpret_cast<const char*>(head.k + (first + j) * head.token_stride);
+    const char* v = reinterpret_cast<const char*>(head.v + (first + j) * head.token_stride);
+    for (int64_t b = 0; b < bytes; b += 64) {
+      _mm_prefetch(k + b, _MM_HINT_T0);
+      _mm_prefetch(v + b, _MM_HINT_T0);
+    }
+  }
+}
+
 template <typename T, int NV>
 void attend_blocks(Rows& rows, const PagedHead<T>& head, int64_t lo, int64_t hi, int nv,
                    int64_t window, BlockScratch& s) {
   const int64_t bs = head.block_size;
-  for (int64_t block = lo / bs; block <= hi / bs; ++block) {
+  const int64_t last = hi / bs;
+  prefetch_block(head, lo / bs);
+  for (int64_t block = lo / bs; block <= last; ++block) {
     const int64_t j0 = std::max(lo, block * bs);
     const int64_t j1 = std::min(hi + 1, (block + 1) * bs);
-    attend_block<T, NV>(rows, head, block, j0, j1 - j0, nv, window, s);
+    if (block < last) prefetch_block(head, block + 1);
+    if constexpr (NV > 0) {
+      attend_block_fast<T, NV>(rows, head, block, j0, j1 - j0, window, s);
+    } else {
+      attend_block<T, NV>(rows, head, block, j0, j1 - j0, nv, window, s);
+    }
   }
 }
 
@@ -154,10 +340,12 @@ void attend(Rows& rows, const PagedHead<T>& head, int64_t dp, int64_t window, Bl
   s.scores.resize(rows.count * round_up(bs));
   s.parts.resize(rows.count * kLanes);
   const int nv = static_cast<int>(dp / kLanes);
-  switch (nv) {
+  // Heads of whole vectors in the usual sizes take the register path.
+  switch (head.dim == dp && rows.count <= kMaxRows ? nv : 0) {
     case 4: return attend_blocks<T, 4>(rows, head, lo, hi, nv, window, s);
     case 5: return attend_blocks<T, 5>(rows, head, lo, hi, nv, window, s);
     case 8: return attend_blocks<T, 8>(rows, head, lo, hi, nv, window, s);
+    case 10: return attend_blocks<T, 10>(rows, head, lo, hi, nv, window, s);
     case 16: return attend_blocks<T, 16>(rows, head, lo, hi, nv, window, s);
     default: return attend_blocks<T, 0>(rows, head, lo, hi, nv, window, s);
   }
@@ -175,6 +363,8 @@ void write_row(const Rows& rows, int64_t r, int64_t dp, int64_t dim, T* out) {
 template <typename T>
 void load_query(Rows& rows, int64_t r, const T* q, int64_t dim, int64_t dp, float scale) {
   float* dst = rows.q.data() + r * dp;
+  rows.raw[r] = q;
+  rows.scale = scale;
   to_float(q, dst, dim);
   for (int64_t i = 0; i < dp; i += kLanes) (Vec::loadu(dst + i) * Vec(scale)).store(dst + i);
 }
