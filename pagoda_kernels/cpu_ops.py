@@ -34,6 +34,7 @@ def register_fakes(namespace: str) -> None:
         lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x))
     )
     fake("silu_and_mul")(lambda x: x.new_empty(x.shape[0], x.shape[1] // 2))
+    fake("argmax_rows")(lambda x: x.new_empty(x.shape[0], dtype=torch.long))
 
 
 def reshape_and_cache(
@@ -137,3 +138,11 @@ def silu_and_mul(ops, x: torch.Tensor) -> torch.Tensor:
     """``pagoda_kernels.activation.silu_and_mul`` in one pass."""
     rows = x.reshape(-1, x.shape[-1])
     return ops.silu_and_mul(rows).view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def argmax(ops, x: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(x, -1)`` of a 2-D tensor (first maximum; NaN counts as the maximum),
+    read in its own dtype: greedy sampling without a float32 copy of the logits."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return ops.argmax_rows(x)

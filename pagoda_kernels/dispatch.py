@@ -41,6 +41,9 @@ class Ops:
     rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[..., torch.Tensor]
     variant: str = ""  # which build of the backend, e.g. the CPU instruction set
+    # Row-wise first-maximum index of 2-D logits in their own dtype, where the backend
+    # has one faster than the sampler's own (which works on a float32 copy).
+    argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def describe(self) -> str:
         return f"{self.name} ({self.variant})" if self.variant else self.name
@@ -89,6 +92,7 @@ def cpu_kernel_ops() -> Ops:
         rotary_embedding=partial(cpu_ops.rotary_embedding, ops),
         silu_and_mul=partial(cpu_ops.silu_and_mul, ops),
         variant=variant.name,
+        argmax=partial(cpu_ops.argmax, ops),
     )
 
 

@@ -114,7 +114,7 @@ class ModelRunner:
             raise ValueError("the KV cache budget holds no block: give more kv_cache_memory")
         self.num_kv_blocks = num_kv_blocks
         self.kv_cache = kv_cache.allocate(self.model, shape, num_kv_blocks, block_size, self.device)
-        self.sampler = Sampler(self.vocab_size, self.eos_token_ids)
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids, self.ops.argmax)
         self._forward = self.model.forward
         if compile:
             # Freezing lets inductor treat weights as constants and pre-pack them for

@@ -119,3 +119,20 @@ def test_silu_and_mul(ops, dtype, width):
 def test_silu_and_mul_keeps_leading_dims(ops):
     x = randn(2, 3, 128, dtype=torch.bfloat16)
     assert_close(cpu_ops.silu_and_mul(ops, x), activation.silu_and_mul(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [32000, 49152, 1000, 7])
+def test_argmax_is_torch_argmax(ops, dtype, width):
+    x = randn(9, width, dtype=dtype)
+    x[1, 5] = x[1, width - 1] = x[1].max() + 1  # a tie: the first one wins
+    x[2] = float("-inf")
+    x[3, width // 2] = float("nan")  # NaN counts as the maximum
+    x[4] = 0.0
+    got = cpu_ops.argmax(ops, x)
+    assert got.dtype == torch.long and torch.equal(got, x.argmax(-1))
+
+
+def test_argmax_of_a_slice_of_wider_logits(ops):
+    x = randn(5, 1030, dtype=torch.bfloat16)[:, :1000]
+    assert torch.equal(cpu_ops.argmax(ops, x), x.argmax(-1))

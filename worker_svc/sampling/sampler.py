@@ -7,7 +7,7 @@ stage works on all its rows at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +33,16 @@ class SamplerOutput:
 class Sampler:
     """Samples one token per row of a step's logits, each row with its own parameters."""
 
-    def __init__(self, vocab_size: int, eos_token_ids: Sequence[int]):
+    def __init__(
+        self,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        raw_argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        """``raw_argmax``: a kernel's argmax over logits in their own dtype (e.g. the CPU
+        extension's), for steps whose rows are all plain greedy ones."""
         self.vocab_size = int(vocab_size)
+        self._raw_argmax = raw_argmax
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         # Keyed by id() with the object held, so an id is never reused while cached;
         # entries not seen in a step are dropped.
@@ -48,7 +56,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         raw, plans = self._prepare(logits, rows)
         if all(plan.plain for plan in plans):  # greedy, nothing to apply: one argmax
-            tokens = argmax(self._work.float32("x", raw))
+            if self._raw_argmax is not None:
+                tokens = self._raw_argmax(raw)
+            else:
+                tokens = argmax(self._work.float32("x", raw))
             return SamplerOutput(tokens.tolist(), [None] * len(rows))
         tokens = self._tokens(self._process(raw, rows, plans), rows, plans)
         return SamplerOutput(tokens.tolist(), self._logprobs(raw, tokens, plans))

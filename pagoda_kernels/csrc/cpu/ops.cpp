@@ -33,6 +33,7 @@ PAGODA_LIBRARY(PAGODA_OPS_NS, m) {
       "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, "
       "Tensor cos_sin_cache, bool is_neox) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 PAGODA_LIBRARY_IMPL(PAGODA_OPS_NS, CPU, m) {
@@ -43,4 +44,5 @@ PAGODA_LIBRARY_IMPL(PAGODA_OPS_NS, CPU, m) {
   m.impl("fused_add_rms_norm", &pagoda::fused_add_rms_norm);
   m.impl("rotary_embedding", &pagoda::rotary_embedding);
   m.impl("silu_and_mul", &pagoda::silu_and_mul);
+  m.impl("argmax_rows", &pagoda::argmax_rows);
 }

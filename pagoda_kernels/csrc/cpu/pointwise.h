@@ -221,4 +221,75 @@ inline at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
+// The first lane of v equal to m, or -1.
+inline int first_equal(const Vec& v, float m) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const unsigned mask = _mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_EQ_OQ);
+#else
+  const unsigned mask = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(m), _CMP_EQ_OQ));
+#endif
+  return mask ? __builtin_ctz(mask) : -1;
+}
+
+inline bool any_nan(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0;
+#else
+  return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0;
+#endif
+}
+
+// Each row's index of its first maximum, as torch.argmax (a NaN counts as the maximum),
+// read in the logits' own dtype: one vectorized pass for the maximum, one to find it.
+template <typename T>
+int64_t argmax_row(const T* x, int64_t width, float* buf) {
+  constexpr int64_t kChunk = 1024;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  Vec top(neg_inf);
+  bool nan = false;
+  for (int64_t c = 0; c < width; c += kChunk) {
+    const int64_t n = std::min(kChunk, width - c);
+    to_float(x + c, buf, n);
+    for (int64_t i = n; i < round_up(n); ++i) buf[i] = neg_inf;
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const Vec v = Vec::loadu(buf + i);
+      nan |= any_nan(v);
+      top = at::vec::maximum(top, v);
+    }
+  }
+  if (nan) {
+    for (int64_t i = 0; i < width; ++i) {
+      if (std::isnan(static_cast<float>(x[i]))) return i;
+    }
+  }
+  const float m = hmax(top);
+  for (int64_t c = 0; c < width; c += kChunk) {
+    const int64_t n = std::min(kChunk, width - c);
+    to_float(x + c, buf, n);
+    for (int64_t i = n; i < round_up(n); ++i) buf[i] = neg_inf;
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const int lane = first_equal(Vec::loadu(buf + i), m);
+      if (lane >= 0) return c + i + lane;
+    }
+  }
+  return 0;  // every value is -inf: the first
+}
+
+inline at::Tensor argmax_rows(const at::Tensor& x) {
+  check_rows(x, "x");
+  const int64_t rows = x.size(0), width = x.size(1);
+  TORCH_CHECK(width > 0, "argmax of empty rows");
+  auto out = at::empty({rows}, x.options().dtype(at::kLong));
+  int64_t* op = static_cast<int64_t*>(out.data_ptr());
+  PAGODA_DISPATCH_FLOATS(x.scalar_type(), "argmax_rows", [&] {
+    const scalar_t* xp = static_cast<const scalar_t*>(x.const_data_ptr());
+    const int64_t xs = x.stride(0);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(1024 + kLanes);
+      for (int64_t r = begin; r < end; ++r) op[r] = argmax_row(xp + r * xs, width, buf.data());
+    });
+  });
+  return out;
+}
+
 }  // namespace pagoda

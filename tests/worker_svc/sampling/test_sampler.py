@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pagoda.sampling_params import SamplingParams
+from pagoda_kernels.dispatch import get_ops
 from tests.worker_svc.sampling.reference import EOS, Row
 from worker_svc.sampling import Sampler
 
@@ -19,11 +20,12 @@ def test_greedy_is_the_argmax_of_the_real_vocabulary():
     rows = [Row(SamplingParams(temperature=0.0)) for _ in range(8)]
     rows[5] = Row(SamplingParams(temperature=1e-6))  # below GREEDY_TEMPERATURE
     want = logits[:, :vocab].argmax(-1).tolist()
-    sampler = Sampler(vocab, EOS)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        lg = logits.to(dtype)
-        assert sampler(lg, rows).token_ids == lg[:, :vocab].float().argmax(-1).tolist()
-    assert sampler(logits, rows).token_ids == want
+    cpu = get_ops("cpu")
+    for sampler in (Sampler(vocab, EOS), Sampler(vocab, EOS, cpu.argmax)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            lg = logits.to(dtype)
+            assert sampler(lg, rows).token_ids == lg[:, :vocab].float().argmax(-1).tolist()
+        assert sampler(logits, rows).token_ids == want
     assert want[3] == 10
     # The same greedy rows in a batch that also samples (the general path).
     mixed = rows + [Row(SamplingParams(temperature=1.0, top_k=3))]
