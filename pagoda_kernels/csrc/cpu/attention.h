@@ -296,6 +296,10 @@ void attend_block_fast(Rows& rows, const PagedHead<T>& head, int64_t block, int6
 // Asks for a block's keys and values of this head ahead of use: at decode sizes the
 // cache does not stay in the CPU's caches from one layer to the next, and blocks lie
 // anywhere, so the hardware cannot guess the next one.
+// Blocks asked for ahead, into L2 (into L1 they crowd out the block in use). Measured
+// in a run of the tiny Llama: 0.80 ms a layer without, 0.63-0.72 ms with (noisy).
+constexpr int64_t kPrefetchAhead = 2;
+
 template <typename T>
 inline void prefetch_block(const PagedHead<T>& head, int64_t block) {
   const int64_t bytes = head.dim * static_cast<int64_t>(sizeof(T));
@@ -304,8 +308,8 @@ inline void prefetch_block(const PagedHead<T>& head, int64_t block) {
     const char* k = reinterpret_cast<const char*>(head.k + (first + j) * head.token_stride);
     const char* v = reinterpret_cast<const char*>(head.v + (first + j) * head.token_stride);
     for (int64_t b = 0; b < bytes; b += 64) {
-      _mm_prefetch(k + b, _MM_HINT_T0);
-      _mm_prefetch(v + b, _MM_HINT_T0);
+      _mm_prefetch(k + b, _MM_HINT_T1);
+      _mm_prefetch(v + b, _MM_HINT_T1);
     }
   }
 }
@@ -315,11 +319,13 @@ void attend_blocks(Rows& rows, const PagedHead<T>& head, int64_t lo, int64_t hi,
                    int64_t window, BlockScratch& s) {
   const int64_t bs = head.block_size;
   const int64_t last = hi / bs;
-  prefetch_block(head, lo / bs);
+  for (int64_t b = lo / bs; b < lo / bs + kPrefetchAhead && b <= last; ++b) {
+    prefetch_block(head, b);
+  }
   for (int64_t block = lo / bs; block <= last; ++block) {
     const int64_t j0 = std::max(lo, block * bs);
     const int64_t j1 = std::min(hi + 1, (block + 1) * bs);
-    if (block < last) prefetch_block(head, block + 1);
+    if (block + kPrefetchAhead <= last) prefetch_block(head, block + kPrefetchAhead);
     if constexpr (NV > 0) {
       attend_block_fast<T, NV>(rows, head, block, j0, j1 - j0, window, s);
     } else {
