@@ -26,8 +26,10 @@ import ctypes
 import ctypes.util
 import os
 from functools import cache
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -78,7 +80,8 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     Paged attention reads a few hundred bytes from each of thousands of scattered blocks
     per layer: with 4 KiB pages nearly every block costs a TLB miss. Linux grants huge
     pages to a range marked so when transparent huge pages are in ``madvise`` mode (the
-    common default) or ``always``; elsewhere this does nothing and returns False.
+    common default) or ``always``; elsewhere the advice changes nothing. False when it
+    could not be given (no glibc, not a CPU tensor, or less than one huge page).
     """
     madvise = _libc_function("madvise")
     if madvise is None or tensor.device.type != "cpu":

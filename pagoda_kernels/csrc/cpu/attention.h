@@ -2,10 +2,9 @@
 //
 // One core, attend(), serves every case: a tile of query rows of one sequence and one KV
 // head (its G query heads for a decode, G heads of several tokens for a prefill chunk or a
-// multi-query decode) walks that sequence's blocks once. Each block's keys and values are
-// turned into float once for all the rows, and an online softmax (running max and sum per
-// row) folds block after block into the rows' accumulators, so no row's scores over the
-// whole context are ever kept.
+// multi-query decode) walks that sequence's blocks once. Each key and value is read once
+// for all the rows, and an online softmax (running max and sum per row) folds block after
+// block into the rows' accumulators, so no row's scores over the whole context are kept.
 //
 // Conventions are pagoda_kernels/attention.py's: caches [blocks, block_size, kv_heads, D],
 // a query at position p sees keys j <= p, and with a window w only those with p - j < w.
@@ -65,14 +64,46 @@ constexpr int kMaxVectors = 256 / kLanes;
 // The most query rows one task attends with (a prefill tile, or a decode's group).
 constexpr int64_t kMaxRows = 64;
 
-// Folds keys [j0, j0 + n) (all in one block) into every row's softmax state. NV is the
-// head size in vectors when known at compile time (the usual sizes), else 0 and nv says.
-template <typename T, int NV>
-void attend_block(Rows& rows, const PagedHead<T>& head, int64_t block, int64_t j0, int64_t n,
-                  int nv_runtime, int64_t window, BlockScratch& s) {
-  const int nv = NV ? NV : nv_runtime;
-  const int64_t dp = nv * kLanes;
+// Row r's scores of keys [j0, j0 + n) in sc, masked to what the row sees, become its
+// weights exp(score - new max) in place, and its running max and sum move on; alpha is
+// what its accumulator must be scaled by. False, with nothing changed but the mask, when
+// the row sees none of these keys.
+inline bool fold_scores(Rows& rows, int64_t r, float* sc, int64_t j0, int64_t n,
+                        int64_t window, float& alpha) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t np = round_up(n);
+  const int64_t p = rows.pos[r];
+  const bool all_visible = j0 + n - 1 <= p && (window <= 0 || p - j0 < window);
+  if (!all_visible) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t key = j0 + j;
+      if (key > p || (window > 0 && p - key >= window)) sc[j] = neg_inf;
+    }
+  }
+  std::fill(sc + n, sc + np, neg_inf);
+  Vec top(neg_inf);
+  for (int64_t i = 0; i < np; i += kLanes) top = at::vec::maximum(top, Vec::loadu(sc + i));
+  const float block_max = hmax(top);
+  if (block_max == neg_inf) return false;
+  const float new_max = std::max(rows.max[r], block_max);
+  alpha = std::exp(rows.max[r] - new_max);
+  Vec total(0.f);
+  for (int64_t i = 0; i < np; i += kLanes) {
+    Vec e = (Vec::loadu(sc + i) - Vec(new_max)).exp_u20();
+    e.store(sc + i);
+    total = total + e;
+  }
+  rows.sum[r] = rows.sum[r] * alpha + hsum(total);
+  rows.max[r] = new_max;
+  return true;
+}
+
+// Folds keys [j0, j0 + n) (all in one block) into every row's softmax state, for any head
+// size nv (in vectors): through float copies of the keys and values.
+template <typename T>
+void attend_block(Rows& rows, const PagedHead<T>& head, int64_t block, int64_t j0, int64_t n,
+                  int nv, int64_t window, BlockScratch& s) {
+  const int64_t dp = nv * kLanes;
   const int64_t np = round_up(n);
   const int64_t first = head.table[block] * head.block_size + (j0 - block * head.block_size);
   // Scores: each key row is converted once, multiplied into every row's query, and the
@@ -100,32 +131,11 @@ void attend_block(Rows& rows, const PagedHead<T>& head, int64_t block, int64_t j
     to_float(head.v + (first + j) * head.token_stride, s.v.data() + j * dp, head.dim);
   }
   for (int64_t r = 0; r < rows.count; ++r) {
-    float* sc = s.scores.data() + r * np;
-    const int64_t p = rows.pos[r];
-    const bool all_visible = j0 + n - 1 <= p && (window <= 0 || p - j0 < window);
-    if (!all_visible) {
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t key = j0 + j;
-        if (key > p || (window > 0 && p - key >= window)) sc[j] = neg_inf;
-      }
-    }
-    std::fill(sc + n, sc + np, neg_inf);
-    Vec top(neg_inf);
-    for (int64_t i = 0; i < np; i += kLanes) top = at::vec::maximum(top, Vec::loadu(sc + i));
-    const float block_max = hmax(top);
-    if (block_max == neg_inf) continue;  // this row sees none of these keys
-    const float new_max = std::max(rows.max[r], block_max);
-    const float alpha = std::exp(rows.max[r] - new_max);
-    Vec total(0.f);
-    for (int64_t i = 0; i < np; i += kLanes) {
-      Vec e = (Vec::loadu(sc + i) - Vec(new_max)).exp_u20();
-      e.store(sc + i);
-      total = total + e;
-    }
-    rows.sum[r] = rows.sum[r] * alpha + hsum(total);
-    rows.max[r] = new_max;
+    float alpha;
+    if (!fold_scores(rows, r, s.scores.data() + r * np, j0, n, window, alpha)) continue;
+    const float* sc = s.scores.data() + r * np;
     float* acc_row = rows.acc.data() + r * dp;
-    Vec acc[NV ? NV : kMaxVectors];
+    Vec acc[kMaxVectors];
     for (int i = 0; i < nv; ++i) acc[i] = Vec::loadu(acc_row + i * kLanes) * Vec(alpha);
     for (int64_t j = 0; j < n; ++j) {
       const Vec w(sc[j]);
@@ -223,7 +233,6 @@ void attend_block_fast(Rows& rows, const PagedHead<T>& head, int64_t block, int6
                        int64_t n, int64_t window, BlockScratch& s) {
   constexpr int64_t dp = NV * kLanes;
   constexpr int kGroup = std::max(1, kAccRegisters / NV);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t np = round_up(n);
   const int64_t first = head.table[block] * head.block_size + (j0 - block * head.block_size);
   for (int64_t c = 0; c < np; c += kLanes) {
@@ -236,37 +245,12 @@ void attend_block_fast(Rows& rows, const PagedHead<T>& head, int64_t block, int6
     }
   }
   float alpha[kMaxRows];
-  bool seen[kMaxRows];
   for (int64_t r = 0; r < rows.count; ++r) {
     float* sc = s.scores.data() + r * np;
-    const int64_t p = rows.pos[r];
-    const bool all_visible = j0 + n - 1 <= p && (window <= 0 || p - j0 < window);
-    if (!all_visible) {
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t key = j0 + j;
-        if (key > p || (window > 0 && p - key >= window)) sc[j] = neg_inf;
-      }
-    }
-    std::fill(sc + n, sc + np, neg_inf);
-    Vec top(neg_inf);
-    for (int64_t i = 0; i < np; i += kLanes) top = at::vec::maximum(top, Vec::loadu(sc + i));
-    const float block_max = hmax(top);
-    seen[r] = block_max != neg_inf;
-    if (!seen[r]) {
-      std::fill(sc, sc + np, 0.f);
+    if (!fold_scores(rows, r, sc, j0, n, window, alpha[r])) {
+      std::fill(sc, sc + np, 0.f);  // the row's group still walks these keys: weight 0
       alpha[r] = 1.f;
-      continue;
     }
-    const float new_max = std::max(rows.max[r], block_max);
-    alpha[r] = std::exp(rows.max[r] - new_max);
-    Vec total(0.f);
-    for (int64_t i = 0; i < np; i += kLanes) {
-      Vec e = (Vec::loadu(sc + i) - Vec(new_max)).exp_u20();
-      e.store(sc + i);
-      total = total + e;
-    }
-    rows.sum[r] = rows.sum[r] * alpha[r] + hsum(total);
-    rows.max[r] = new_max;
   }
   for (int64_t r0 = 0; r0 < rows.count; r0 += kGroup) {
     const int64_t rc = std::min<int64_t>(kGroup, rows.count - r0);
@@ -293,13 +277,13 @@ void attend_block_fast(Rows& rows, const PagedHead<T>& head, int64_t block, int6
   }
 }
 
-// Asks for a block's keys and values of this head ahead of use: at decode sizes the
-// cache does not stay in the CPU's caches from one layer to the next, and blocks lie
-// anywhere, so the hardware cannot guess the next one.
 // Blocks asked for ahead, into L2 (into L1 they crowd out the block in use). Measured
 // in a run of the tiny Llama: 0.80 ms a layer without, 0.63-0.72 ms with (noisy).
 constexpr int64_t kPrefetchAhead = 2;
 
+// Asks for a block's keys and values of this head ahead of use: at decode sizes the
+// cache does not stay in the CPU's caches from one layer to the next, and blocks lie
+// anywhere, so the hardware cannot guess the next one.
 template <typename T>
 inline void prefetch_block(const PagedHead<T>& head, int64_t block) {
   const int64_t bytes = head.dim * static_cast<int64_t>(sizeof(T));
@@ -329,7 +313,7 @@ void attend_blocks(Rows& rows, const PagedHead<T>& head, int64_t lo, int64_t hi,
     if constexpr (NV > 0) {
       attend_block_fast<T, NV>(rows, head, block, j0, j1 - j0, window, s);
     } else {
-      attend_block<T, NV>(rows, head, block, j0, j1 - j0, nv, window, s);
+      attend_block<T>(rows, head, block, j0, j1 - j0, nv, window, s);
     }
   }
 }

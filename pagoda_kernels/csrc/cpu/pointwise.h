@@ -1,7 +1,7 @@
 // The small per-token ops around attention and the MLP: RMSNorm (with the residual add
-// before it), rotary embeddings in place, and SiLU-and-mul. Each computes in float and
-// rounds to the activations' dtype wherever the torch reference's separate ops round, so
-// that both give the same bits or nearly so.
+// before it), rotary embeddings in place, SiLU-and-mul, and the greedy argmax of a step's
+// logits. Each computes in float and rounds to the activations' dtype wherever the torch
+// reference's separate ops round, so that both give the same bits or nearly so.
 #pragma once
 
 #include <cmath>
@@ -93,11 +93,11 @@ inline std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x
   return std::make_tuple(out, sum);
 }
 
-// Rotates rows [tokens, heads, dim] of x in place by their token's cos and sin (already
-// rounded to T, as the reference casts them), neox style: the two halves of each head.
+// Rotates rows [tokens, heads, dim] of x in place by their token's cos and sin (row t of
+// each table, already rounded to T as the reference casts them), neox style: the two
+// halves of each head.
 template <typename T>
-void rotate_neox(const at::Tensor& x, const float* cos, const float* sin, int64_t table_width,
-                 const int64_t* positions) {
+void rotate_neox(const at::Tensor& x, const float* cos, const float* sin, int64_t table_width) {
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
   const int64_t hp = round_up(half);
   T* xp = static_cast<T*>(x.data_ptr());
@@ -106,8 +106,8 @@ void rotate_neox(const at::Tensor& x, const float* cos, const float* sin, int64_
                    [&](int64_t begin, int64_t end) {
     std::vector<float> buf(half + hp + kLanes), o1(hp), o2(hp);
     for (int64_t t = begin; t < end; ++t) {
-      const float* c = cos + positions[t] * table_width;
-      const float* s = sin + positions[t] * table_width;
+      const float* c = cos + t * table_width;
+      const float* s = sin + t * table_width;
       for (int64_t h = 0; h < heads; ++h) {
         T* row = xp + t * ts + h * hs;
         to_float(row, buf.data(), dim);
@@ -126,16 +126,15 @@ void rotate_neox(const at::Tensor& x, const float* cos, const float* sin, int64_
 
 // The same for GPT-J style: interleaved pairs (x[2i], x[2i + 1]).
 template <typename T>
-void rotate_gptj(const at::Tensor& x, const float* cos, const float* sin, int64_t table_width,
-                 const int64_t* positions) {
+void rotate_gptj(const at::Tensor& x, const float* cos, const float* sin, int64_t table_width) {
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2);
   T* xp = static_cast<T*>(x.data_ptr());
   const int64_t ts = x.stride(0), hs = x.stride(1);
   auto r = [](float v) { return static_cast<float>(static_cast<T>(v)); };
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const float* c = cos + positions[t] * table_width;
-      const float* s = sin + positions[t] * table_width;
+      const float* c = cos + t * table_width;
+      const float* s = sin + t * table_width;
       for (int64_t h = 0; h < heads; ++h) {
         T* row = xp + t * ts + h * hs;
         for (int64_t i = 0; i < dim / 2; ++i) {
@@ -182,13 +181,11 @@ inline void rotary_embedding(const at::Tensor& positions, const at::Tensor& quer
         sin[t * hp + i] = static_cast<float>(static_cast<scalar_t>(tp[pos[t] * width + half + i]));
       }
     }
-    std::vector<int64_t> rows(tokens);
-    for (int64_t t = 0; t < tokens; ++t) rows[t] = t;
     for (const at::Tensor* x : {&query, &key}) {
       if (is_neox) {
-        rotate_neox<scalar_t>(*x, cos.data(), sin.data(), hp, rows.data());
+        rotate_neox<scalar_t>(*x, cos.data(), sin.data(), hp);
       } else {
-        rotate_gptj<scalar_t>(*x, cos.data(), sin.data(), hp, rows.data());
+        rotate_gptj<scalar_t>(*x, cos.data(), sin.data(), hp);
       }
     }
   });
