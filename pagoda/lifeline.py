@@ -25,6 +25,7 @@ import threading
 from collections.abc import Mapping
 
 ENV = "PAGODA_LIFELINE_FD"
+_watched: int | None = None  # the pipe this process watches, once it does
 
 
 class Lifeline:
@@ -62,8 +63,23 @@ def watch_parent() -> bool:
         print(f"pagoda: ignoring {ENV}={value!r}: not an inherited pipe", file=sys.stderr)
         return False
     os.set_inheritable(fd, False)
+    global _watched
+    _watched = fd
     threading.Thread(target=_wait_then_end, args=(fd,), name="lifeline", daemon=True).start()
     return True
+
+
+def across_exec(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for this same process after an ``exec``, still watching its parent.
+
+    A worker re-executes itself to preload libraries (worker_svc/runtime.py); the new
+    program must watch the same pipe, so the pipe stays open across the exec and the
+    variable names it again.
+    """
+    if _watched is None:
+        return dict(env)
+    os.set_inheritable(_watched, True)
+    return {**env, ENV: str(_watched)}
 
 
 def _pipe_fd(value: str) -> int | None:

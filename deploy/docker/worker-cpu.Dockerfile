@@ -37,9 +37,11 @@ RUN /opt/pagoda/bin/pip install --no-build-isolation --constraint /tmp/lock.txt 
 FROM python:3.11.14-slim-bookworm AS worker
 # torch.compile on a CPU compiles C++ with g++ at run time, and Triton builds its
 # launcher with a C compiler at first use: both stay in the image. (The Python headers
-# they include come with this base image.)
+# they include come with this base image.) tcmalloc is preloaded by the worker with
+# Intel's OpenMP from the intel-openmp wheel (worker_svc/runtime.py).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc=4:12.2.0-3 g++=4:12.2.0-3 \
+        libtcmalloc-minimal4=2.10-1 \
     && rm -rf /var/lib/apt/lists/*
 # /cache is the one writable place besides /tmp, so the root filesystem can be
 # read-only: the user's home and every cache (Triton, TorchInductor, Hugging Face,

@@ -5,6 +5,7 @@
 #include "cache.h"
 #include "common.h"
 #include "pointwise.h"
+#include "threads.h"
 
 #ifndef PAGODA_OPS_NS
 #error "PAGODA_OPS_NS names the operator namespace (pagoda_kernels/cpu_build.py sets it)"
@@ -34,6 +35,7 @@ PAGODA_LIBRARY(PAGODA_OPS_NS, m) {
       "Tensor cos_sin_cache, bool is_neox) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("bind_threads(int[] cpus) -> int[]", &pagoda::bind_threads);
 }
 
 PAGODA_LIBRARY_IMPL(PAGODA_OPS_NS, CPU, m) {
