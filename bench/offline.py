@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -185,6 +186,9 @@ def pagoda_engine(spec: dict) -> dict[str, Any]:
     except ImportError as e:
         return {"error": f"pagoda's offline API is not available: {e}"}
     torch.set_num_threads(len(usable_cpus()))
+    from worker_svc.runtime import bind_threads
+
+    binding = bind_threads(spec.get("threads_bind", "nobind"), torch.get_num_threads())
     t0 = time.perf_counter()
     llm = LLM(
         model=spec["model"],
@@ -210,6 +214,8 @@ def pagoda_engine(spec: dict) -> dict[str, Any]:
         **timings,
         "load_s": load_s,
         "backend": llm.runner.ops.describe(),
+        "runtime": spec.get("runtime"),
+        "threads_bind": binding,
         "torch_threads": torch.get_num_threads(),
         "versions": versions("pagoda", "torch", "transformers"),
     }
@@ -266,6 +272,12 @@ def run_worker(engine: str, spec_file: Path, result_file: Path) -> int:
         run = lambda spec: split_engine(spec, measure)  # noqa: E731
     else:
         run = pagoda_engine if engine == "pagoda" else transformers_engine
+    if engine == "pagoda":
+        # The worker's own start: on a CPU this process may re-execute itself once with
+        # tcmalloc and Intel OpenMP preloaded; the spec file is still there for it.
+        from worker_svc.runtime import settle
+
+        spec["runtime"] = settle(spec.get("cpu_runtime", "plain"), spec.get("device", "cpu"))
     try:
         result = run(spec)
     except Exception as e:
@@ -330,6 +342,8 @@ def summarize(raw: dict[str, Any], num_prompts: int, input_len: int, output_len:
         "torch_threads": raw.get("torch_threads"),
         "load_s": round(raw["load_s"], 1) if "load_s" in raw else None,
         **({"backend": raw["backend"]} if "backend" in raw else {}),
+        **({"runtime": raw["runtime"]} if raw.get("runtime") else {}),
+        **({"threads_bind": raw["threads_bind"]} if raw.get("threads_bind") else {}),
         "process_s": raw.get("process_s"),
         "versions": raw.get("versions"),
     } | ({"env": raw["env"]} if "env" in raw else {})
@@ -355,6 +369,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attention-backend",
         default="auto",
         help="pagoda's kernels, comma-separated to run each (e.g. torch,cpu): %(default)s",
+    )
+    p.add_argument(
+        "--cpu-runtime",
+        default="plain",
+        help="pagoda's worker runtime, comma-separated to run each (plain,tuned): %(default)s",
+    )
+    p.add_argument(
+        "--cpu-threads-bind",
+        default="nobind",
+        help="pagoda's thread binding, ';'-separated to run each (auto;nobind;0-1): %(default)s",
     )
     p.add_argument("--vllm-python", type=Path, default=None, help="default: $ANCHOR_DIR/venv")
     p.add_argument(
@@ -423,12 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     for engine in args.engines:
         if engine == "pagoda":
             modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-            for backend in args.attention_backend.split(","):
-                for compiled in modes:
-                    run = dict(spec, compile=compiled, attention_backend=backend)
-                    raw = run_engine(me + ["--worker", "pagoda"], run)
-                    line = {"engine": "pagoda", "compile": compiled, **common}
-                    print(json.dumps(line | summarize(raw, n, length, m)), flush=True)
+            for backend, runtime, bind, compiled in itertools.product(
+                args.attention_backend.split(","),
+                args.cpu_runtime.split(","),
+                args.cpu_threads_bind.split(";"),
+                modes,
+            ):
+                run = dict(spec, compile=compiled, attention_backend=backend)
+                run |= {"cpu_runtime": runtime, "threads_bind": bind}
+                raw = run_engine(me + ["--worker", "pagoda"], run)
+                line = {"engine": "pagoda", "compile": compiled, **common}
+                print(json.dumps(line | summarize(raw, n, length, m)), flush=True)
             if args.stack == "split":
                 raw = run_engine(me + ["--worker", "pagoda_split"], spec)
                 line = {"engine": "pagoda", "stack": "split", **common}
