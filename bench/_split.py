@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pagoda.announcements import SCHEDULER_LISTENING
+from pagoda.announcements import SCHEDULER_LISTENING, WORKER_REGISTERED
 
 BANNER = re.compile(r"gRPC:\s+(\S+)")
 SCHEDULER = SCHEDULER_LISTENING.pattern
@@ -48,6 +48,14 @@ class ServeStack:
                 match = pattern.search(line)
                 if match and key not in self.found:
                     self.found[key] = match.group(1)
+            # The probe ports, whose /metrics time the steps.
+            for key, announcement in (
+                ("scheduler_http", SCHEDULER_LISTENING),
+                ("worker_http", WORKER_REGISTERED),
+            ):
+                match = announcement.search(line)
+                if match and key not in self.found:
+                    self.found[key] = match["http"]
             if "grpc" in self.found:
                 self._ready.set()
         self._ready.set()
@@ -81,6 +89,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def metric_sums(address: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The unlabelled samples ``names`` of a service's /metrics (``address`` is host:port
+    or a port), for differences before and after a run."""
+    import urllib.request
+
+    url = f"http://{address if ':' in address else '127.0.0.1:' + address}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            found[name] = float(value)
+    return found
+
+
+# The scheduler's step round trip (plan sent to result applied) and the worker's compute.
+STEP_METRICS = (
+    "pagoda_step_seconds_sum", "pagoda_step_seconds_count",
+    "pagoda_worker_step_seconds_sum", "pagoda_worker_step_seconds_count",
+)  # fmt: skip
+
+
+def step_times(found: dict[str, str]) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for key in ("scheduler_http", "worker_http"):
+        if key in found:
+            sums |= metric_sums(found[key], STEP_METRICS)
+    return sums
+
+
 def replica_steps(scheduler_addr: str) -> int:
     import grpc
 
@@ -109,7 +148,7 @@ def split_engine(spec: dict, measure) -> dict[str, Any]:
     asyncio.set_event_loop(loop)  # the channel binds to the loop current when it is made
     channel = grpc.aio.insecure_channel(stack.found["grpc"])
     stub = api_pb2_grpc.GenerationStub(channel)
-    cpu: dict[str, float] = {}
+    seen: dict[str, dict[str, float]] = {}
 
     async def batch(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         sampling = common_pb2.SamplingParams(
@@ -130,29 +169,46 @@ def split_engine(spec: dict, measure) -> dict[str, Any]:
     pids = {role: stack.child_pid(role) for role in ("scheduler", "gateway")}
 
     def generate(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        watch = len(prompts) > 1  # the batch, not the single-prompt latency runs
-        if watch:
+        # The batch, and the single request's decode (not its one-token TTFT run).
+        name = "batch" if len(prompts) > 1 else "single" if max_tokens > 1 else None
+        if name:
             before = {r: cpu_seconds(p) for r, p in pids.items()}
             steps = replica_steps(stack.found["scheduler"])
+            times = step_times(stack.found)
         out = loop.run_until_complete(batch(prompts, max_tokens))
-        if watch:
-            done = replica_steps(stack.found["scheduler"]) - steps
-            for role, pid in pids.items():
-                cpu[role] = (cpu_seconds(pid) - before[role]) / max(done, 1)
-            cpu["steps"] = done
+        if name:
+            done = max(replica_steps(stack.found["scheduler"]) - steps, 1)
+            took = {k: v - times.get(k, 0.0) for k, v in step_times(stack.found).items()}
+            used = {r: cpu_seconds(p) - before[r] for r, p in pids.items()}
+            seen[name] = {
+                **{f"{role}_cpu_ms": s / done * 1e3 for role, s in used.items()},
+                "round_trip_ms": _mean_ms(took, "pagoda_step_seconds"),
+                "worker_compute_ms": _mean_ms(took, "pagoda_worker_step_seconds"),
+                "steps": done,
+            }
         return out
 
     try:
         timings = measure(generate, spec["runs"], spec["output_len"])
         return {
             **timings,
+            # Of the last measured run of each kind: per step, the CPU the scheduler and
+            # the gateway spent, the scheduler's round trip and the worker's compute.
             "outside_worker_cpu_ms_per_step": {
-                "scheduler": round(cpu.get("scheduler", 0) * 1e3, 3),
-                "gateway": round(cpu.get("gateway", 0) * 1e3, 3),
-                "steps_measured": cpu.get("steps", 0),
+                "scheduler": round(seen.get("batch", {}).get("scheduler_cpu_ms", 0.0), 3),
+                "gateway": round(seen.get("batch", {}).get("gateway_cpu_ms", 0.0), 3),
+                "steps_measured": seen.get("batch", {}).get("steps", 0),
+            },
+            "per_step": {
+                name: {k: round(v, 3) for k, v in figures.items()} for name, figures in seen.items()
             },
         }
     finally:
         loop.run_until_complete(channel.close())
         loop.close()
         stack.stop()
+
+
+def _mean_ms(took: dict[str, float], metric: str) -> float:
+    count = took.get(f"{metric}_count", 0.0)
+    return took.get(f"{metric}_sum", 0.0) / count * 1e3 if count else 0.0

@@ -462,9 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                 raw = run_engine(me + ["--worker", "pagoda_split"], spec)
                 line = {"engine": "pagoda", "stack": "split", **common}
                 line["detokenize"] = spec["detokenize"]
-                extra = {
-                    "outside_worker_cpu_ms_per_step": raw.get("outside_worker_cpu_ms_per_step")
-                }
+                keys = ("outside_worker_cpu_ms_per_step", "per_step")
+                extra = {key: raw.get(key) for key in keys}
                 print(json.dumps(line | summarize(raw, n, length, m) | extra), flush=True)
         elif engine == "transformers":
             raw = run_engine(me + ["--worker", "transformers"], spec)
