@@ -1,7 +1,9 @@
 """The step port: workers register on a ZeroMQ ROUTER, and each replica runs one step loop.
 
-One receive task reads every frame of the ROUTER and dispatches it (Hello, StepResult,
-Heartbeat, Drain); one step loop per replica turns ``schedule`` into a plan, awaits
+The event loop watches the ROUTER's file descriptor and drains every message that is
+there in one callback, dispatching each (Hello, StepResult, Heartbeat, Drain) on the
+spot: no future and no task wake-up per message, which zmq.asyncio would cost on
+every step. One step loop per replica turns ``schedule`` into a plan, awaits
 that plan's result and turns ``update`` into per-session outputs; one watch task
 declares dead the replicas that stop beating or whose step runs past the step
 timeout, and ends the grace period of draining ones. Everything runs on the service's
@@ -16,7 +18,10 @@ period is over (what is left is re-queued), it leaves and its worker gets
 ``Reset{reason: "drained"}``, its cue to exit.
 
 Sends use ``NOBLOCK`` on a ``ROUTER_MANDATORY`` socket: a vanished or stuck peer is an
-error at once, never a step loop that waits on a dead worker.
+error at once, never a step loop that waits on a dead worker. ZeroMQ's descriptor
+signals only changes (it is edge-triggered), and a send may consume the signal of a
+message that arrived meanwhile, so each drain and each send ends by asking the socket
+itself whether a message is waiting.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import time
 from collections.abc import Callable
 
 import zmq
-import zmq.asyncio
 from google.protobuf.message import DecodeError
 
 from pagoda.v1 import session_pb2, step_pb2
@@ -71,13 +75,15 @@ class WorkerHub:
         # Per worker id, the (replica, epoch) it was last told to register again for, so a
         # stream of stale heartbeats draws one Reset, not one per beat.
         self._reset_sent: dict[str, tuple[int, int]] = {}
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A restarted worker reuses its identity; the new connection takes it over.
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_due = False  # a drain is scheduled with call_soon
         cfg = core.config
         self._worker_config = step_pb2.WorkerConfig(
             block_size=cfg.block_size,
@@ -102,10 +108,10 @@ class WorkerHub:
         return int(endpoint.rsplit(":", 1)[1])
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._receive(), name="step-receive"),
-            asyncio.create_task(self._watch(), name="step-watch"),
-        ]
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.getsockopt(zmq.FD), self._drain)
+        self._drain_soon()  # anything that arrived before the reader was added
+        self._tasks = [asyncio.create_task(self._watch(), name="step-watch")]
 
     async def close(self) -> None:
         """Stop every loop and close the socket; workers notice the silence and re-register
@@ -114,6 +120,9 @@ class WorkerHub:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
+            self._loop = None
         self._sock.close(linger=0)
         self._ctx.term()
 
@@ -124,23 +133,43 @@ class WorkerHub:
 
     # -- receiving -----------------------------------------------------------------
 
-    async def _receive(self) -> None:
+    # At most this many messages a callback, so a flood cannot hold the loop.
+    DRAIN_BATCH = 64
+
+    def _drain(self) -> None:
+        """Read and dispatch what the ROUTER holds (the loop calls this when it is
+        readable, and after sends)."""
+        self._drain_due = False
         sock = self._sock
-        while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 2:
-                log.warning("dropping a message of %d frames on the step port", len(frames))
-                continue
-            identity, payload = frames
+        if sock.closed:
+            return
+        for _ in range(self.DRAIN_BATCH):
             try:
-                message = step_pb2.WorkerMessage.FromString(payload)
-            except DecodeError:
-                log.warning("dropping an undecodable message from %r", identity)
-                continue
-            try:
-                self._dispatch(identity, message)
-            except Exception:  # one bad message must not stop the step port
-                log.exception("failed to handle a %s from %r", message.WhichOneof("kind"), identity)
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._receive(frames)
+        self._drain_soon()  # more may be waiting: go on after the loop's other work
+
+    def _drain_soon(self) -> None:
+        if self._loop is not None and not self._drain_due:
+            self._drain_due = True
+            self._loop.call_soon(self._drain)
+
+    def _receive(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            log.warning("dropping a message of %d frames on the step port", len(frames))
+            return
+        identity, payload = frames
+        try:
+            message = step_pb2.WorkerMessage.FromString(payload)
+        except DecodeError:
+            log.warning("dropping an undecodable message from %r", identity)
+            return
+        try:
+            self._dispatch(identity, message)
+        except Exception:  # one bad message must not stop the step port
+            log.exception("failed to handle a %s from %r", message.WhichOneof("kind"), identity)
 
     def _dispatch(self, identity: bytes, message: step_pb2.WorkerMessage) -> None:
         kind = message.WhichOneof("kind")
@@ -384,9 +413,14 @@ class WorkerHub:
 
     def _send(self, identity: bytes, message: step_pb2.SchedulerMessage) -> bool:
         """Send without waiting; False when the peer is gone or not keeping up."""
-        future = self._sock.send_multipart([identity, message.SerializeToString()], zmq.NOBLOCK)
-        error = future.exception() if future.done() else None
-        if error is not None:
+        sock = self._sock
+        try:
+            sock.send_multipart([identity, message.SerializeToString()], zmq.NOBLOCK)
+        except zmq.ZMQError as error:  # Again (not keeping up) or EHOSTUNREACH (gone)
             log.debug("cannot send a %s to %r: %s", message.WhichOneof("kind"), identity, error)
             return False
+        finally:
+            # The send may have taken in a message whose edge the loop will not see.
+            if not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._drain_soon()
         return True

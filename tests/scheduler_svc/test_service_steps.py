@@ -14,9 +14,10 @@ from dataclasses import replace
 
 import grpc
 import pytest
+import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagoda.v1 import PROTOCOL_VERSION, common_pb2, session_pb2
+from pagoda.v1 import PROTOCOL_VERSION, common_pb2, session_pb2, step_pb2
 from scheduler_svc.replicas import ACTIVE, DEAD, DRAINING
 from scheduler_svc.service import SERVICE_NAME
 from tests.scheduler_svc.service_harness import (
@@ -455,3 +456,40 @@ async def test_every_session_learns_the_load_after_opened_and_when_it_changes(ca
             await session.close()
         finally:
             w.kill()
+
+
+@asynctest
+async def test_a_burst_of_hellos_larger_than_one_drain_is_answered_in_full(card):
+    # 150 workers say Hello at once with a protocol the scheduler refuses: every message
+    # is read (the step port drains at most 64 a callback, then goes on), and the sends
+    # of the refusals in between lose none of the messages that arrive meanwhile.
+    async with running_service(card) as running:
+        refused = await asyncio.to_thread(_hellos_refused, running.step_address, 150)
+        assert refused == 150
+        assert not (await running.stats()).replicas
+
+
+def _hellos_refused(address: str, count: int) -> int:
+    ctx = zmq.Context()
+    socks = []
+    try:
+        for i in range(count):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, f"burst-{i}/main".encode())
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            socks.append(sock)
+        hello = step_pb2.Hello(protocol_version=PROTOCOL_VERSION + 1, worker_id="burst")
+        for i, sock in enumerate(socks):
+            hello.worker_id = f"burst-{i}"
+            sock.send(step_pb2.WorkerMessage(hello=hello).SerializeToString())
+        refused = 0
+        for sock in socks:
+            if sock.poll(20_000):
+                msg = step_pb2.SchedulerMessage.FromString(sock.recv())
+                refused += msg.WhichOneof("kind") == "refusal"
+        return refused
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        ctx.term()
