@@ -162,9 +162,10 @@ def bind_threads(spec: str, threads: int) -> str:
     Returns what was done, for the log. Binding runs in the CPU extension (a thread can
     only be bound by itself, inside the OpenMP team); without it nothing is bound.
     """
-    cpus = cpus_to_bind(spec, threads, sorted(os.sched_getaffinity(0)))
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = cpus_to_bind(spec, threads, allowed)
     if cpus is None:
-        return f"threads not bound ({spec}, {threads} of {len(os.sched_getaffinity(0))} CPUs)"
+        return f"threads not bound ({spec}, {threads} of {len(allowed)} CPUs)"
     from pagoda_kernels import cpu_build
 
     try:

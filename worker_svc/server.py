@@ -25,7 +25,7 @@ from pagoda.flags import Flag, Unset, add_flags, given, host_and_pid
 from pagoda.model_card.errors import ModelCardError
 from pagoda.model_card.writer import identity_of
 from pagoda.secrets import read_secret
-from worker_svc.runtime import bind_threads, on_gpu, settle, threads_bind_spec
+from worker_svc.runtime import bind_threads, settle, threads_bind_spec
 from worker_svc.service import Runner, WorkerService
 from worker_svc.settings import ModelInfo, WorkerSettings
 
@@ -310,8 +310,6 @@ def _load(
     import torch
 
     torch.set_num_threads(threads)
-    if not on_gpu(args.device):
-        log.info("worker %s: %s", args.worker_id, bind_threads(args.cpu_threads_bind, threads))
     from worker_svc.model_runner import ModelRunner
 
     try:
@@ -331,6 +329,13 @@ def _load(
     except (OSError, ValueError, RuntimeError) as exc:
         log.error("worker %s cannot load %s: %s", args.worker_id, model, exc)
         return None
+    if runner.device.type == "cpu":  # the device the runner resolved, not a guess
+        try:
+            bound = bind_threads(args.cpu_threads_bind, threads)
+        except ValueError as exc:  # a CPU list outside the process's affinity mask
+            log.error("worker %s: %s", args.worker_id, exc)
+            return None
+        log.info("worker %s: %s", args.worker_id, bound)
     return runner, _model_info(runner, identity)
 
 
